@@ -1,0 +1,32 @@
+"""diffusers-infusion: personalize Stable Diffusion with Infusion concepts that do not overfit."""
+
+__version__ = "0.1.0"
+
+from .concept import CONCEPT_WEIGHT_NAME, InfusionConcept  # noqa: E402
+from .errors import (  # noqa: E402
+    ClassWordError,
+    ConceptFileError,
+    ConceptMismatchError,
+    ConceptNotFoundError,
+    InfusionCallError,
+    InfusionError,
+    UnknownConceptError,
+)
+from .loaders import InfusionLoaderMixin  # noqa: E402
+from .pipeline import InfusionPipeline, InfusionPipelineOutput  # noqa: E402
+
+__all__ = [
+    "CONCEPT_WEIGHT_NAME",
+    "ClassWordError",
+    "ConceptFileError",
+    "ConceptMismatchError",
+    "ConceptNotFoundError",
+    "InfusionCallError",
+    "InfusionConcept",
+    "InfusionError",
+    "InfusionLoaderMixin",
+    "InfusionPipeline",
+    "InfusionPipelineOutput",
+    "UnknownConceptError",
+    "__version__",
+]

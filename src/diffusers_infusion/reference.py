@@ -1,0 +1,103 @@
+"""A naive, slow reference of Infusion sampling (prompt-to-prompt style), for tests and benchmarks only.
+
+The F stream runs alone and stores the softmax attention maps of every cross-attention layer; the C stream then
+runs alone and multiplies those stored maps with its values ``V̄ = V + s·Δ`` (eq. 7), in float32 (or
+float64 for a float64 pipeline). Each stream
+has its own scheduler. Nothing here is shared with the fused implementation except the UNet weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from diffusers.models.attention_processor import Attention
+
+
+class _MapAttnProcessor:
+    """Plain cross-attention that records (mode "record") or replays (mode "replay") the softmax maps."""
+
+    def __init__(self, name: str, store: dict, residuals: Sequence[tuple[torch.Tensor, Sequence[int]]]):
+        self.name, self.store, self.residuals, self.mode = name, store, residuals, "record"
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        residual = hidden_states
+        exact = torch.promote_types(hidden_states.dtype, torch.float32)  # float32, or float64 for tight tests
+        q = attn.to_q(hidden_states).to(exact)  # (rows, pixels, inner)
+        k = attn.to_k(encoder_hidden_states).to(exact)  # (rows, tokens, inner)
+        v = attn.to_v(encoder_hidden_states).to(exact)
+        rows, heads = q.shape[0], attn.heads
+        split = lambda x: x.reshape(rows, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731 (rows, heads, n, d)
+        q, k, v = split(q), split(k), split(v)
+        cond = slice(rows // 2, rows)  # [uncond | cond]
+        if self.mode == "record":
+            maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (rows, heads, pixels, tokens)
+            self.store[self.name] = maps[cond].clone()
+        else:
+            maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
+            maps[cond] = self.store[self.name]  # the F stream's maps
+            v_bar = v.transpose(1, 2).reshape(rows, v.shape[2], -1).clone()  # (rows, tokens, value_dim)
+            for delta, positions in self.residuals:
+                for position in positions:
+                    v_bar[cond, position] += delta.to(exact)
+            v = split(v_bar)
+        out = (maps @ v).transpose(1, 2).reshape(rows, q.shape[2], -1).to(residual.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def naive_infusion_latents(
+    pipe,
+    prompt: str,
+    concepts: Sequence[tuple[dict[str, torch.Tensor], float, Sequence[int]]],
+    *,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final latents ``(z_F, z_C)`` of one prompt, sampled naively with classifier-free guidance.
+
+    Args:
+        pipe: A Stable Diffusion pipeline (its UNet, text encoder and scheduler are used; processors restored).
+        prompt: The prompt.
+        concepts: ``(residuals by layer, strength, token positions)`` for each concept in the prompt.
+        latents: Initial noise (1, channels, height, width), before ``init_noise_sigma`` scaling.
+        num_inference_steps: Number of denoising steps.
+        guidance_scale: Classifier-free guidance scale (> 1).
+    """
+    unet = pipe.unet
+    device = latents.device
+    cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
+    text = torch.cat([uncond, cond])
+    original = dict(unet.attn_processors)
+    store: dict = {}
+    processors = {}
+    for name in original:
+        layer = name.removesuffix(".processor")
+        if layer.endswith("attn2"):
+            residuals = [(res[layer].to(device) * strength, pos) for res, strength, pos in concepts]
+            processors[name] = _MapAttnProcessor(layer, store, residuals)
+        else:
+            processors[name] = original[name]
+    naive = [p for p in processors.values() if isinstance(p, _MapAttnProcessor)]
+    schedulers = [copy.deepcopy(pipe.scheduler) for _ in range(2)]
+    for scheduler in schedulers:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    z = [latents * schedulers[0].init_noise_sigma, latents * schedulers[1].init_noise_sigma]
+    unet.set_attn_processor(dict(processors))
+    try:
+        for t in schedulers[0].timesteps:
+            for stream, mode in enumerate(("record", "replay")):  # F first (stores maps), then C (uses them)
+                for processor in naive:
+                    processor.mode = mode
+                x = schedulers[stream].scale_model_input(torch.cat([z[stream]] * 2), t)
+                eps_u, eps_c = unet(x, t, encoder_hidden_states=text, return_dict=False)[0].chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+                z[stream] = schedulers[stream].step(eps, t, z[stream], return_dict=False)[0]
+    finally:
+        unet.set_attn_processor(original)
+    return z[0], z[1]

@@ -1,0 +1,65 @@
+"""One UNet evaluation of the F and C streams on the same noisy latents (the training step's and metrics' forward).
+
+``ε_C(z_t, t, y)`` with the F stream's attention maps and the concept residuals, computed in one batched call on
+``[F | C]`` where F is the frozen base model on the same ``(z_t, t, y)`` (METHOD.md, "Training step").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .attention import infusion_hooks
+from .residuals import ResidualEntry, build_plan
+
+Placement = Sequence[tuple[str, float, Sequence[int]]]  # (concept name, strength, token positions)
+
+
+def dual_stream_noise_pred(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    placements: Sequence[Placement],
+    residuals: Mapping[str, Mapping[str, torch.Tensor]],
+    *,
+    replace_queries: bool = True,
+    **unet_kwargs,
+) -> torch.Tensor:
+    """The customized model's noise prediction ``ε_θ'`` for each sample (eq. 8).
+
+    Args:
+        unet: The frozen base UNet.
+        latents: Noisy latents ``z_t`` (batch, channels, height, width).
+        timesteps: (batch,) or scalar timesteps.
+        encoder_hidden_states: Text encodings of the captions (batch, tokens, dim).
+        placements: Per sample, the concepts it receives; a sample with none is predicted by F alone (exactly the
+            base model's prediction, which is what makes concept-agnostic overfitting zero).
+        residuals: Concept name -> layer path -> Δ; may require grad (training).
+        replace_queries: False gives the own-query ablation (the authors' public code).
+        unet_kwargs: Passed to the UNet (e.g. ``added_cond_kwargs``).
+
+    Returns:
+        (batch, channels, height, width): the C prediction where a sample has concepts, else the F prediction.
+    """
+    n_f = latents.shape[0]
+    f_rows = [row for row, placed in enumerate(placements) if placed]
+    if not f_rows:
+        return unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
+    entries = [
+        ResidualEntry(j, name, strength, tuple(positions))
+        for j, row in enumerate(f_rows)
+        for name, strength, positions in placements[row]
+    ]
+    index = torch.tensor(f_rows, device=latents.device)
+    expand = lambda x: torch.cat([x, x.index_select(0, index)])  # noqa: E731
+    if torch.is_tensor(timesteps) and timesteps.ndim == 1:
+        timesteps = expand(timesteps)
+    plan = build_plan(
+        residuals, entries, f_rows=f_rows, n_f=n_f, device=latents.device, dtype=encoder_hidden_states.dtype,
+        replace_queries=replace_queries,
+    )  # fmt: skip
+    with infusion_hooks(unet, plan):
+        pred = unet(expand(latents), timesteps, expand(encoder_hidden_states), return_dict=False, **unet_kwargs)[0]
+    return pred[:n_f].index_copy(0, index, pred[n_f:])
