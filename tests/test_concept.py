@@ -70,7 +70,8 @@ def test_round_trip_is_exact(pipe, make_concept, tmp_path):
 def test_model_card(pipe, make_concept, tmp_path):
     make_concept(pipe.unet, "cat").save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
-    for text in ("library_name: diffusers-infusion", "- infusion", "- text-to-image", "`cat`", "load_infusion_concept"):
+    expected = ("library_name: diffusers-infusion", "- infusion", "- text-to-image", "`cat`", "load_infusion_concept")
+    for text in expected:
         assert text in card
 
 

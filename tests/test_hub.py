@@ -1,4 +1,4 @@
-"""The real Hub code paths, offline: ``hf_hub_download`` from a pre-populated cache, ``push_to_hub`` to a loopback hub."""
+"""The real Hub code paths, offline: ``hf_hub_download`` from a pre-populated cache, ``push_to_hub`` to loopback."""
 
 import huggingface_hub
 import pytest

@@ -3,8 +3,8 @@
 import pytest
 
 from diffusers_infusion import ClassWordError
-from diffusers_infusion.tokens import check_token_indices, class_word_token_ids, find_class_word_positions
 from diffusers_infusion.tiny import build_clip_tokenizer
+from diffusers_infusion.tokens import check_token_indices, class_word_token_ids, find_class_word_positions
 
 
 @pytest.fixture(scope="module")
