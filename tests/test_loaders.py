@@ -98,3 +98,14 @@ def test_class_word_unknown_to_the_tokenizer(pipe, make_concept):
     with pytest.raises(ClassWordError, match="class_word='  ' is"):
         pipe.load_infusion_concept(make_concept(pipe.unet), class_word="  ")
     assert pipe.get_list_infusion_concepts() == []
+
+
+def test_save_then_load_gives_the_same_images(pipe, make_concept, gen, tmp_path):
+    concept = make_concept(pipe.unet, "cat")
+    pipe.load_infusion_concept(concept, "object")
+    before = pipe("a cat on snow", num_inference_steps=2, generator=gen(), output_type="np").images
+    concept.save_pretrained(tmp_path / "my-cat")
+    pipe.unload_infusion_concept()
+    assert pipe.load_infusion_concept(tmp_path / "my-cat") == "default_0"
+    after = pipe("a cat on snow", num_inference_steps=2, generator=gen(), output_type="np").images
+    assert (before == after).all()

@@ -1,0 +1,296 @@
+"""Train an Infusion concept: ``accelerate launch examples/train_infusion.py --pretrained_model_name_or_path ...``.
+
+Flags follow diffusers' own training scripts. Only the residuals Δ are trained; the base model stays frozen.
+Randomness is indexed by step (data order, timesteps, noise), so ``--resume_from_checkpoint latest`` continues to
+the same Δ, bit for bit, as an uninterrupted run, and the result does not depend on the number of processes.
+Checkpoints are written to a hidden folder and renamed into place, so a killed write is never resumed from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("train_infusion")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train an Infusion concept (only the value residuals Δ are learned).")
+    p.add_argument("--pretrained_model_name_or_path", required=True, help="Base model: Hub id or folder.")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None, help="Weights variant of the base model, e.g. fp16.")
+    p.add_argument("--instance_data_dir", required=True, help="Folder of the concept's photos.")
+    p.add_argument("--class_word", required=True, help="The concept's class word, e.g. 'cat'.")
+    p.add_argument("--instance_prompt", default=None, help="One caption for all photos (default: templates).")
+    p.add_argument("--caption_templates", nargs="+", default=None, help="Templates with {class_word}.")
+    p.add_argument("--mask_dir", default=None, help="Object masks with the photos' names: masked loss.")
+    p.add_argument("--output_dir", default="infusion-concept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resolution", type=int, default=512)
+    p.add_argument("--center_crop", action="store_true")
+    p.add_argument("--train_batch_size", type=int, default=4, help="Per process.")
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--learning_rate", type=float, default=1e-2, help="The paper's 1e-2.")
+    p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    p.add_argument("--checkpointing_steps", type=int, default=500)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    p.add_argument("--validation_prompt", action="append", default=None, help="Repeatable.")
+    p.add_argument("--num_validation_images", type=int, default=2)
+    p.add_argument("--validation_steps", type=int, default=100)
+    p.add_argument("--num_validation_inference_steps", type=int, default=25)
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all, or none.")
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused: photos are held in memory.")
+    p.add_argument("--own_queries", action="store_true", help="Ablation: C attends with its own queries.")
+    args = p.parse_args(argv)
+    for flag in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
+                 "checkpointing_steps", "validation_steps"):  # fmt: skip
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    return args
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Fail early (before any training) when the output folder cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as error:
+        raise SystemExit(
+            f"--output_dir '{output_dir}' is not writable ({error}). Pass a folder you can write to."
+        ) from None
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-N``), oldest first; hidden ``.checkpoint-N.tmp`` folders are partial."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        found = list_checkpoints(Path(args.output_dir))
+        if not found:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting fresh.", args.output_dir)
+        return found[-1] if found else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir() or not path.name.split("-")[-1].isdigit():
+        raise SystemExit(
+            f"--resume_from_checkpoint '{path}' is not a checkpoint folder (checkpoint-N). Pass one, or 'latest'."
+        )
+    return path
+
+
+def step_generator(seed: int, micro_step: int) -> torch.Generator:
+    """The generator of one micro step: the same on every process and after a resume."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffusers_infusion import InfusionConcept
+    from diffusers_infusion.tokens import class_word_token_ids, find_class_word_positions
+    from diffusers_infusion.training import (
+        DEFAULT_TEMPLATES,
+        InfusionResiduals,
+        TrainingDataError,
+        infusion_training_loss,
+        load_instance_data,
+    )
+    from diffusers_infusion.training.report import log_validation, save_outputs
+
+    # 1. Validate everything that can be wrong before anything is written.
+    output_dir = Path(args.output_dir)
+    try:
+        data = load_instance_data(
+            args.instance_data_dir, args.class_word, resolution=args.resolution, center_crop=args.center_crop,
+            instance_prompt=args.instance_prompt, templates=tuple(args.caption_templates or DEFAULT_TEMPLATES),
+            mask_dir=args.mask_dir,
+        )  # fmt: skip
+    except TrainingDataError as error:
+        raise SystemExit(str(error)) from None
+    resume_from = find_resume_checkpoint(args)
+    check_output_dir(output_dir)
+
+    # 2. Accelerator, frozen base model, trainable residuals.
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+    )
+    set_seed(args.seed)
+    load = dict(revision=args.revision)
+    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load)
+    try:
+        class_word_token_ids(tokenizer, args.class_word)
+    except ValueError as error:
+        raise SystemExit(f"--class_word: {error}") from None
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", **load)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
+                                        **load)  # fmt: skip
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet",
+                                                variant=args.variant, **load)  # fmt: skip
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", **load)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False)
+        module.to(accelerator.device, dtype=weight_dtype)
+    model = InfusionResiduals.for_unet(unet)
+    components = dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(noise_scheduler.config),
+    )  # for validation
+
+    # 3. Precompute what is frozen: caption encodings (+ class-word positions) and the photos' latent moments.
+    captions = sorted({c for options in data.captions for c in options})
+    with torch.no_grad():
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids  # fmt: skip
+        encodings = text_encoder(ids.to(accelerator.device))[0]  # (captions, tokens, dim)
+        moments = vae.encode(data.pixels.to(accelerator.device, weight_dtype)).latent_dist  # per photo
+    caption_index = {c: i for i, c in enumerate(captions)}
+    positions = [find_class_word_positions(tokenizer, c, args.class_word) for c in captions]
+    scaling = vae.config.scaling_factor
+    latent_masks = None
+    if data.masks is not None:
+        latent_masks = torch.nn.functional.interpolate(data.masks, size=moments.mean.shape[-2:], mode="area")
+
+    # 4. Optimizer and learning-rate schedule (counted in optimizer steps on every process, as diffusers does).
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )  # fmt: skip
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    # 5. Checkpoints hold Δ as a concept file (loadable with load_infusion_concept) and the optimizer state.
+    def save_model_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            for m in models:
+                accelerator.unwrap_model(m).to_concept(args.class_word, base_model=args.pretrained_model_name_or_path)\
+                    ._save_pretrained(Path(folder))  # fmt: skip
+        weights.clear()
+
+    def load_model_hook(models, folder):
+        concept = InfusionConcept.from_pretrained(folder)
+        while models:
+            accelerator.unwrap_model(models.pop()).load_concept(concept)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    def save_checkpoint(step: int) -> None:
+        final, partial = output_dir / f"checkpoint-{step}", output_dir / f".checkpoint-{step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)  # the checkpoint appears whole, or not at all
+            old = list_checkpoints(output_dir)
+            for stale in old[: max(0, len(old) - (args.checkpoints_total_limit or len(old)))]:
+                shutil.rmtree(stale)
+            logger.info("Saved %s", final)
+        accelerator.wait_for_everyone()
+
+    first_step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        first_step = int(resume_from.name.split("-")[-1])
+        logger.info("Resumed from %s at step %d.", resume_from, first_step)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("infusion", config={k: v for k, v in vars(args).items() if not isinstance(v, list)})
+
+    # 6. The loop. Micro step m draws photos, captions, timesteps and noise for the global batch from
+    #    step_generator(seed, m); process p trains on its slice.
+    per_process, world = args.train_batch_size, accelerator.num_processes
+    mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
+    n_photos, latent_shape = len(data.files), moments.mean.shape[1:]
+    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="Training", unit="step",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    loss_value, grid = math.nan, None
+    for step in range(first_step, args.max_train_steps):
+        for micro in range(args.gradient_accumulation_steps):
+            g = step_generator(args.seed, step * args.gradient_accumulation_steps + micro)
+            photo = torch.randint(n_photos, (per_process * world,), generator=g)[mine]
+            choice = torch.rand(per_process * world, generator=g)[mine]
+            t = torch.randint(noise_scheduler.config.num_train_timesteps, (per_process * world,), generator=g)[mine]
+            eps = torch.randn((per_process * world, *latent_shape), generator=g)[mine]
+            draw = torch.randn((per_process * world, *latent_shape), generator=g)[mine]
+            caps = [data.captions[i][int(c * len(data.captions[i]))] for i, c in zip(photo.tolist(), choice.tolist())]
+            rows = torch.tensor([caption_index[c] for c in caps])
+            dev = accelerator.device
+            z0 = (moments.mean[photo.to(dev)] + moments.std[photo.to(dev)] * draw.to(dev, weight_dtype)) * scaling
+            with accelerator.accumulate(model), accelerator.autocast():
+                loss = infusion_training_loss(
+                    unet, noise_scheduler, model(), z0, encodings[rows.to(dev)], [positions[r] for r in rows],
+                    noise=eps.to(dev, weight_dtype), timesteps=t.to(dev),
+                    mask=None if latent_masks is None else latent_masks[photo].to(dev),
+                    replace_queries=not args.own_queries,
+                )  # fmt: skip
+                accelerator.backward(loss)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step + 1)
+        if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps:
+            save_checkpoint(step + 1)
+        if args.validation_prompt and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = log_validation(accelerator, args, components, model, step + 1)
+    progress.close()
+
+    # 7. The concept, its model card and a sample grid; optionally on the Hub (without checkpoints).
+    accelerator.wait_for_everyone()
+    deltas = torch.cat([d.detach().flatten() for d in accelerator.unwrap_model(model).deltas])
+    gathered = accelerator.gather(deltas[None])  # (processes, values): every process must hold the same Δ
+    if accelerator.is_main_process:
+        if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+            raise RuntimeError("The processes ended with different residuals; the run is not synchronized.")
+        logger.info("All %d processes hold the same Δ (%d values).", accelerator.num_processes, deltas.numel())
+        if args.validation_prompt and args.max_train_steps % args.validation_steps:
+            grid = log_validation(accelerator, args, components, model, args.max_train_steps)
+        save_outputs(accelerator.unwrap_model(model), args, grid)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""examples/train_infusion.py end to end on a tiny pipeline saved to a temp folder: artifacts, resume, 2 processes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from diffusers import StableDiffusionPipeline
+from huggingface_hub import ModelCard
+
+from diffusers_infusion import CONCEPT_WEIGHT_NAME, InfusionConcept
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "examples" / "train_infusion.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_infusion", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def setup(components, tmp_path):
+    """A tiny base model folder and 4 photos with captions in metadata.jsonl."""
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(tmp_path / "base")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    with open(photos / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            pixels[5:15, 6:18] = [200, 40 * i, 40]
+            PIL.Image.fromarray(pixels).save(photos / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a photo of a cat"}) + "\n")
+    return tmp_path
+
+
+def train(setup, output: str, *extra: str):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    argv = [
+        "--pretrained_model_name_or_path", str(setup / "base"), "--instance_data_dir", str(setup / "photos"),
+        "--class_word", "cat", "--output_dir", str(setup / output), "--resolution", "16", "--train_batch_size", "2",
+        "--max_train_steps", "6", "--checkpointing_steps", "3", "--report_to", "none", "--seed", "7", *extra,
+    ]  # fmt: skip
+    load_script().main(argv)
+    return setup / output
+
+
+def concept_at(folder: Path) -> InfusionConcept:
+    return InfusionConcept.from_pretrained(folder)
+
+
+def test_short_run_writes_a_loadable_concept_card_and_validation(setup, pipe, gen):
+    out = train(setup, "run", "--validation_prompt", "a cat on snow", "--validation_steps", "3",
+                "--num_validation_inference_steps", "2", "--report_to", "tensorboard")  # fmt: skip
+    assert (out / CONCEPT_WEIGHT_NAME).exists() and (out / "checkpoint-3" / CONCEPT_WEIGHT_NAME).exists()
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003.png", "step-000006.png"]
+    assert list((out / "logs").rglob("events.out.tfevents.*"))  # tensorboard, the default tracker
+    card = ModelCard.load(out / "README.md")
+    assert {"diffusers", "infusion", "text-to-image"} <= set(card.data.tags)
+    assert "![validation](validation.png)" in card.text and (out / "validation.png").exists()
+    concept = concept_at(out)
+    assert concept.class_word == "cat" and concept.base_model == str(setup / "base")
+    assert any(t.abs().max() > 0 for t in concept.residuals.values())  # it trained
+    name = pipe.load_infusion_concept(out)
+    images = pipe("a cat", num_inference_steps=2, generator=gen(), output_type="np", return_base_images=True)
+    assert name == "default_0" and not (images.images == images.base_images).all()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no partial checkpoint, no probe file
+
+
+def test_resume_continues_to_the_same_delta_bit_for_bit(setup, monkeypatch):
+    reference = concept_at(train(setup, "straight", "--gradient_accumulation_steps", "2"))
+    import diffusers_infusion.training as training
+
+    original, calls = training.infusion_training_loss, []
+
+    def killed_after_eight_micro_steps(*args, **kwargs):  # step 4 of 6, after checkpoint-3 was written
+        calls.append(1)
+        if len(calls) > 8:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "infusion_training_loss", killed_after_eight_micro_steps)
+    with pytest.raises(KeyboardInterrupt):
+        train(setup, "resumed", "--gradient_accumulation_steps", "2")
+    monkeypatch.setattr(training, "infusion_training_loss", original)
+    out = setup / "resumed"
+    assert not (out / CONCEPT_WEIGHT_NAME).exists() and (out / "checkpoint-3").exists()
+    (out / ".checkpoint-5.tmp").mkdir()  # a write killed half-way is never resumed from
+    train(setup, "resumed", "--gradient_accumulation_steps", "2", "--resume_from_checkpoint", "latest")
+    resumed = concept_at(out)
+    for name, tensor in reference.residuals.items():
+        assert torch.equal(resumed.residuals[name], tensor), name
+
+
+def test_checkpoints_total_limit(setup):
+    out = train(setup, "limited", "--max_train_steps", "7", "--checkpointing_steps", "2",
+                "--checkpoints_total_limit", "2")  # fmt: skip
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_two_processes_agree_and_match_one_process(setup):
+    one = concept_at(train(setup, "one"))
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(SCRIPT),
+        "--pretrained_model_name_or_path", str(setup / "base"), "--instance_data_dir", str(setup / "photos"),
+        "--class_word", "cat", "--output_dir", str(setup / "two"), "--resolution", "16", "--train_batch_size", "1",
+        "--max_train_steps", "6", "--checkpointing_steps", "3", "--report_to", "none", "--seed", "7",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "All 2 processes hold the same Δ" in result.stderr
+    assert result.stderr.count("Saved the concept") == 1  # only the main process writes
+    two = concept_at(setup / "two")
+    for name, tensor in one.residuals.items():  # 2 processes x batch 1 == 1 process x batch 2
+        assert torch.allclose(two.residuals[name], tensor, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("empty folder", "--instance_data_dir '.*' has no images"),
+        ("unreadable image", "--instance_data_dir: cannot read image '.*broken.png'"),
+        ("class word in no caption", "--class_word 'dog' appears in no caption"),
+        ("output dir not writable", "--output_dir '.*' is not writable"),
+        ("resume path missing", "--resume_from_checkpoint '.*nowhere' is not a checkpoint folder"),
+    ],
+)
+def test_bad_input_fails_clearly_and_writes_nothing(setup, case, match):
+    extra, output = [], "out"
+    photos = setup / "photos"
+    if case == "empty folder":
+        photos = setup / "empty"
+        photos.mkdir()
+    elif case == "unreadable image":
+        (photos / "broken.png").write_bytes(b"not a png")
+    elif case == "class word in no caption":
+        extra = ["--class_word", "dog"]
+    elif case == "output dir not writable":
+        (setup / "a-file").write_text("x")
+        output = "a-file/out"
+    else:
+        extra = ["--resume_from_checkpoint", str(setup / "nowhere")]
+    with pytest.raises(SystemExit, match=match):
+        train(setup, output, "--instance_data_dir", str(photos), *extra)
+    assert not (setup / "out").exists()
