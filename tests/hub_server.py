@@ -94,3 +94,18 @@ class LocalHub:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def point_hub_at(monkeypatch, endpoint: str) -> None:
+    """Make every ``HfApi`` (and so ``push_to_hub``/``upload_folder``) talk to ``endpoint``."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    original = huggingface_hub.hf_api.HfApi.__init__
+
+    def init(self, *args, **kwargs):
+        kwargs["endpoint"] = endpoint
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub.hf_api.HfApi, "__init__", init)

@@ -3,7 +3,7 @@
 import huggingface_hub
 import pytest
 import torch
-from hub_server import LocalHub, populate_cache
+from hub_server import LocalHub, point_hub_at, populate_cache
 
 from diffusers_infusion import CONCEPT_WEIGHT_NAME, ConceptFileError, ConceptNotFoundError, InfusionConcept
 
@@ -82,13 +82,9 @@ def test_pickle_weight_name_is_refused_before_download(hub_cache):
 
 
 def test_push_to_hub_uses_huggingface_hub_commits(pipe, make_concept, monkeypatch, tmp_path):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE")
     concept = make_concept(pipe.unet, "cat")
     with LocalHub() as hub:
-        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(huggingface_hub.hf_api.constants, "ENDPOINT", hub.endpoint)
-        monkeypatch.setattr(huggingface_hub.hf_api.HfApi, "__init__", _with_endpoint(hub.endpoint))
+        point_hub_at(monkeypatch, hub.endpoint)
         url = concept.push_to_hub("user/my-cat", token="hf_test")
     files = hub.repos["user/my-cat"]
     assert sorted(files) == ["README.md", CONCEPT_WEIGHT_NAME]
@@ -99,13 +95,3 @@ def test_push_to_hub_uses_huggingface_hub_commits(pipe, make_concept, monkeypatc
     assert pulled.class_word == "cat"
     assert all(torch.equal(pulled.residuals[k], v) for k, v in concept.residuals.items())
     assert "commit" in str(url)
-
-
-def _with_endpoint(endpoint):
-    original = huggingface_hub.hf_api.HfApi.__init__
-
-    def init(self, *args, **kwargs):
-        kwargs["endpoint"] = endpoint
-        original(self, *args, **kwargs)
-
-    return init

@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from diffusers import StableDiffusionPipeline
+from hub_server import LocalHub, point_hub_at
 from huggingface_hub import ModelCard
 
 from diffusers_infusion import CONCEPT_WEIGHT_NAME, InfusionConcept
@@ -100,6 +101,28 @@ def test_resume_continues_to_the_same_delta_bit_for_bit(setup, monkeypatch):
     resumed = concept_at(out)
     for name, tensor in reference.residuals.items():
         assert torch.equal(resumed.residuals[name], tensor), name
+
+
+def test_push_to_hub_uploads_the_concept_without_checkpoints(setup, monkeypatch):
+    with LocalHub() as hub:
+        point_hub_at(monkeypatch, hub.endpoint)
+        train(
+            setup,
+            "pushed",
+            "--push_to_hub",
+            "--hub_model_id",
+            "user/my-cat",
+            "--hub_token",
+            "hf_test",
+            "--validation_prompt",
+            "a cat",
+            "--validation_steps",
+            "6",
+            "--num_validation_inference_steps",
+            "1",
+        )
+    assert sorted(hub.repos["user/my-cat"]) == ["README.md", CONCEPT_WEIGHT_NAME, "validation.png"]
+    assert "user/my-cat" in hub.repos["user/my-cat"]["README.md"].decode()  # the card's loading snippet
 
 
 def test_checkpoints_total_limit(setup):
