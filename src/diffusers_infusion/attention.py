@@ -54,11 +54,14 @@ def _half_offset(plan: InfusionPlan, n_rows: int) -> int:
     )
 
 
-def _query_hook(plan: InfusionPlan):
+def _query_hook(plan: InfusionPlan, layer: str):
     def hook(module: torch.nn.Module, args: tuple, query: torch.Tensor) -> torch.Tensor:
         # query: (rows, pixels, inner_dim); C rows take the F rows' queries, i.e. the F stream's attention maps.
         offset = _half_offset(plan, query.shape[0])
-        source = query.index_select(0, plan.f_rows + offset)
+        if plan.captured_queries is not None:  # F ran in an earlier call (training without gradient through F)
+            source = plan.captured_queries[layer].index_select(0, plan.f_rows).to(query.dtype)
+        else:
+            source = query.index_select(0, plan.f_rows + offset)
         return query.index_copy_(0, plan.c_rows + offset, source)
 
     return hook
@@ -90,10 +93,35 @@ def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan) -> Iterator[None]:
                     "Call `pipe.unfuse_qkv_projections()` before using Infusion concepts."
                 )
             if plan.replace_queries:
-                handles.append(attn.to_q.register_forward_hook(_query_hook(plan)))
+                handles.append(attn.to_q.register_forward_hook(_query_hook(plan, name)))
             if name in plan.value_residuals:
                 handles.append(attn.to_v.register_forward_hook(_value_hook(plan, name)))
         yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_queries(unet: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the query (``to_q`` output) of every cross-attention layer during the ``with`` block.
+
+    Yields a dict that fills with ``{layer path: (rows, pixels, inner_dim)}`` as the UNet runs; a plan with
+    ``captured_queries`` set to it makes a later C-stream call attend with these queries.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def recorder(name: str):
+        def hook(module, args, query):
+            captured[name] = query.detach()
+
+        return hook
+
+    try:
+        for name, attn in cross_attention_layers(unet).items():
+            handles.append(attn.to_q.register_forward_hook(recorder(name)))
+        yield captured
     finally:
         for handle in handles:
             handle.remove()

@@ -35,6 +35,7 @@ class InfusionPlan:
     value_positions: torch.Tensor  # (entries,) long
     value_residuals: dict[str, torch.Tensor]  # layer path -> (entries, value_dim)
     replace_queries: bool = True  # False: the C stream attends with its own queries (the fast, inexact mode)
+    captured_queries: dict[str, torch.Tensor] | None = None  # F's queries from an earlier call, by layer
 
 
 def build_plan(
@@ -46,6 +47,7 @@ def build_plan(
     device: torch.device | str,
     dtype: torch.dtype,
     replace_queries: bool = True,
+    captured_queries: dict[str, torch.Tensor] | None = None,
 ) -> InfusionPlan:
     """Lay the residuals of ``entries`` out for a batch of ``n_f`` F rows followed by ``len(f_rows)`` C rows.
 
@@ -58,6 +60,8 @@ def build_plan(
         device: Device of the UNet.
         dtype: Dtype of the residuals handed to the hooks.
         replace_queries: Whether the C rows attend with the F rows' queries (the exact method).
+        captured_queries: F's queries recorded in an earlier UNet call (``attention.capture_queries``); then the
+            batch holds only C rows (``n_f=0``) and ``f_rows`` index the recorded rows.
     """
     n_c = len(f_rows)
     names = list(dict.fromkeys(e.concept for e in entries))
@@ -84,4 +88,5 @@ def build_plan(
         value_positions=long(positions),
         value_residuals=value_residuals,
         replace_queries=replace_queries,
+        captured_queries=captured_queries,
     )

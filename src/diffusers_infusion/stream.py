@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .attention import infusion_hooks
+from .attention import capture_queries, infusion_hooks
 from .residuals import ResidualEntry, build_plan
 
 Placement = Sequence[tuple[str, float, Sequence[int]]]  # (concept name, strength, token positions)
@@ -25,6 +25,7 @@ def dual_stream_noise_pred(
     residuals: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     replace_queries: bool = True,
+    batched: bool = True,
     **unet_kwargs,
 ) -> torch.Tensor:
     """The customized model's noise prediction ``ε_θ'`` for each sample (eq. 8).
@@ -38,6 +39,9 @@ def dual_stream_noise_pred(
             base model's prediction, which is what makes concept-agnostic overfitting zero).
         residuals: Concept name -> layer path -> Δ; may require grad (training).
         replace_queries: False gives the own-query ablation (the authors' public code).
+        batched: True runs F and C in one UNet call on ``[F | C]``. False runs F first without gradient, recording
+            its queries, then C alone: the same numbers, and cheaper when C needs gradients (training), since
+            autograd then neither stores nor back-propagates the F half.
         unet_kwargs: Passed to the UNet (e.g. ``added_cond_kwargs``).
 
     Returns:
@@ -53,13 +57,25 @@ def dual_stream_noise_pred(
         for name, strength, positions in placements[row]
     ]
     index = torch.tensor(f_rows, device=latents.device)
+    per_row = torch.is_tensor(timesteps) and timesteps.ndim == 1
+    if not batched:
+        with torch.no_grad(), capture_queries(unet) as queries:
+            f_pred = unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
+        plan = build_plan(
+            residuals, entries, f_rows=f_rows, n_f=0, device=latents.device, dtype=encoder_hidden_states.dtype,
+            replace_queries=replace_queries, captured_queries=queries,
+        )  # fmt: skip
+        pick = lambda x: x.index_select(0, index)  # noqa: E731
+        with infusion_hooks(unet, plan):
+            c_pred = unet(pick(latents), pick(timesteps) if per_row else timesteps, pick(encoder_hidden_states),
+                          return_dict=False, **unet_kwargs)[0]  # fmt: skip
+        return f_pred.index_copy(0, index, c_pred)
     expand = lambda x: torch.cat([x, x.index_select(0, index)])  # noqa: E731
-    if torch.is_tensor(timesteps) and timesteps.ndim == 1:
-        timesteps = expand(timesteps)
     plan = build_plan(
         residuals, entries, f_rows=f_rows, n_f=n_f, device=latents.device, dtype=encoder_hidden_states.dtype,
         replace_queries=replace_queries,
     )  # fmt: skip
     with infusion_hooks(unet, plan):
-        pred = unet(expand(latents), timesteps, expand(encoder_hidden_states), return_dict=False, **unet_kwargs)[0]
+        pred = unet(expand(latents), expand(timesteps) if per_row else timesteps, expand(encoder_hidden_states),
+                    return_dict=False, **unet_kwargs)[0]  # fmt: skip
     return pred[:n_f].index_copy(0, index, pred[n_f:])

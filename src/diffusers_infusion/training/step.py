@@ -54,6 +54,7 @@ def infusion_training_loss(
     timesteps: torch.Tensor,
     mask: torch.Tensor | None = None,
     replace_queries: bool = True,
+    batched: bool = False,
 ) -> torch.Tensor:
     """Eq. 8: ``E‖ε − ε_θ'(z_t, t, y)‖²`` with the C stream attending with the F stream's queries.
 
@@ -68,6 +69,7 @@ def infusion_training_loss(
         timesteps: (batch,) training timesteps.
         mask: Optional object mask at latent size (batch, 1, h, w): the loss counts only the object.
         replace_queries: False trains the own-query ablation instead of the paper's method.
+        batched: Run F and C in one call (True) or F first without gradient (False, the default: cheaper).
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -77,7 +79,7 @@ def infusion_training_loss(
     placements = [[("concept", 1.0, tuple(p))] if p else [] for p in positions]
     pred = dual_stream_noise_pred(
         unet, noisy, timesteps, encoder_hidden_states, placements, {"concept": residuals},
-        replace_queries=replace_queries,
+        replace_queries=replace_queries, batched=batched,
     )  # fmt: skip
     error = (pred.float() - target.float()) ** 2  # (batch, channels, h, w)
     if mask is None:
