@@ -35,6 +35,10 @@ class InfusionPipelineOutput(StableDiffusionPipelineOutput):
     base_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
 
 
+def torch_or_np_cat(parts):
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
 def _copy_images(images):
     if isinstance(images, list):
         return [image.copy() for image in images]
@@ -141,6 +145,8 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionLoaderMixin):
         infusion_concepts: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
         infusion_token_indices: Mapping[str, Sequence[int]] | Sequence[Mapping[str, Sequence[int]]] | None = None,
         return_base_images: bool = False,
+        infusion_variants: Sequence[Mapping[str, float]] | None = None,
+        infusion_mode: str = "exact",
         **kwargs,
     ):
         """Generate images with the active Infusion concepts; every ``StableDiffusionPipeline`` argument works.
@@ -151,6 +157,12 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionLoaderMixin):
             infusion_token_indices: Explicit token positions instead of looking the class word up: a dict
                 name -> list of positions (index 0 is the start token), or a list of such dicts, one per prompt.
             return_base_images: Also return the F stream's images (the base model's images for the same seed).
+            infusion_variants: Several concept sets (dicts name -> strength) rendered for the same prompts and seeds
+                in one call that computes the F stream once: ``images`` holds the first variant's images, then the
+                second's, and so on. Costs (N + 1) / (2N) of N separate calls per image.
+            infusion_mode: ``"exact"`` (default): the paper's method, C attends with F's queries. ``"fast"``: one
+                stream, C attends with its own queries (what the authors' public code computes): about the cost
+                of a plain call, but not the paper's method; the base model no longer decides the layout.
 
         Returns:
             ``InfusionPipelineOutput`` with ``images``, ``nsfw_content_detected`` and ``base_images``; or, with
@@ -171,21 +183,37 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionLoaderMixin):
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             **kwargs,
         )
-        # 1. Which concepts go into which prompt, at which tokens.
+        # 1. Which concepts go into which prompt, at which tokens: one placement list per variant.
+        if infusion_mode not in ("exact", "fast"):
+            raise InfusionCallError(f"infusion_mode={infusion_mode!r} must be 'exact' (the paper's method) or 'fast'.")
+        exact = infusion_mode == "exact"
+        if not exact and return_base_images:
+            raise InfusionCallError("return_base_images=True needs infusion_mode='exact': 'fast' runs no F stream.")
+        if infusion_variants is not None and infusion_concepts is not None:
+            raise InfusionCallError("Pass infusion_variants or infusion_concepts, not both.")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         n_prompts = len(prompts) if prompts is not None else 0 if prompt_embeds is None else prompt_embeds.shape[0]
-        placements = self.place_infusion_concepts(prompts, n_prompts, infusion_concepts, infusion_token_indices)
+        variants = [infusion_concepts] if infusion_variants is None else list(infusion_variants)
+        if infusion_variants is not None and (not variants or not all(isinstance(v, Mapping) for v in variants)):
+            raise InfusionCallError(
+                f"infusion_variants={infusion_variants!r} must be a non-empty list of dicts name -> strength."
+            )
+        groups = [self.place_infusion_concepts(prompts, n_prompts, v, infusion_token_indices) for v in variants]
 
-        # 2. No C row: exactly the plain pipeline.
-        if not any(placements):
+        # 2. No C row: exactly the plain pipeline (once, whatever the number of variants).
+        if not any(any(placements) for placements in groups):
             output = super().__call__(
                 prompt, height, width, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
                 generator=generator, latents=latents, prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_prompt_embeds, output_type=output_type, return_dict=True,
                 clip_skip=clip_skip, **shared,
             )  # fmt: skip
+            images, nsfw = output.images, output.nsfw_content_detected
+            if len(groups) > 1:
+                images = images * len(groups) if isinstance(images, list) else torch_or_np_cat([images] * len(groups))
+                nsfw = None if nsfw is None else nsfw * len(groups)
             base = _copy_images(output.images) if return_base_images else None
-            return self._output(output.images, output.nsfw_content_detected, base, return_base_images, return_dict)
+            return self._output(images, nsfw, base, return_base_images, return_dict)
 
         # 3. Encode the prompts once and draw the initial noise exactly as the plain pipeline does.
         height = height or self.unet.config.sample_size * self.vae_scale_factor
@@ -212,20 +240,26 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionLoaderMixin):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
 
-        # 4. Lay out the batch [F rows | C rows]: C row j copies F row f_rows[j] (same prompt, same noise).
-        f_rows, entries = [], []
-        for p, placed in enumerate(placements):
-            for k in range(n_images if placed else 0):
-                entries += [ResidualEntry(len(f_rows), name, s, pos) for name, s, pos in placed]
-                f_rows.append(p * n_images + k)
+        # 4. Lay out the batch [F rows | C rows]: C row j copies F row f_rows[j] (same prompt, same noise). In
+        #    'fast' mode there are no F rows: every image is a C row that attends with its own queries.
+        f_rows, entries, group_rows = [], [], []
+        for placements in groups:
+            start = len(f_rows)
+            for p, placed in enumerate(placements):
+                for k in range(n_images if (placed or not exact) else 0):
+                    entries += [ResidualEntry(len(f_rows), name, s, pos) for name, s, pos in placed]
+                    f_rows.append(p * n_images + k)
+            group_rows.append((start, len(f_rows)))
         index = torch.tensor(f_rows, device=device)
-        expand = lambda x: None if x is None else torch.cat([x, x.index_select(0, index.to(x.device))])  # noqa: E731
+        pick = lambda x: None if x is None else x.index_select(0, index.to(x.device))  # noqa: E731
+        expand = lambda x: None if x is None else torch.cat([x, pick(x)]) if exact else pick(x)  # noqa: E731
         if isinstance(generator, list):  # C rows get a copy of their F row's generator: the same noise draws
-            generator = generator + [self._clone_generator(generator[r]) for r in f_rows]
+            clones = [self._clone_generator(generator[r]) for r in f_rows]
+            generator = generator + clones if exact else clones
         names = list(dict.fromkeys(e.concept for e in entries))
         plan = build_plan(
-            self._infusion_residuals(names, device, prompt_embeds.dtype), entries, f_rows=f_rows, n_f=n_f,
-            device=device, dtype=prompt_embeds.dtype,
+            self._infusion_residuals(names, device, prompt_embeds.dtype), entries, f_rows=f_rows,
+            n_f=n_f if exact else 0, device=device, dtype=prompt_embeds.dtype, replace_queries=exact,
         )  # fmt: skip
 
         # 5. The plain sampling loop on [F | C], with the Infusion hooks on every cross-attention layer.
@@ -237,16 +271,23 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionLoaderMixin):
             )[0]  # fmt: skip
 
         # 6. Each image comes from its C row if it has one, else from its F row; decode what is returned.
-        base_latents = all_latents[:n_f]
-        final = base_latents.index_copy(0, index.to(all_latents.device), all_latents[n_f:])
+        base_latents, c_latents = (all_latents[:n_f], all_latents[n_f:]) if exact else (None, all_latents)
+        finals = []
+        for start, stop in group_rows:
+            rows = index[start:stop].to(all_latents.device)
+            finals.append(
+                c_latents[start:stop] if not exact else base_latents.index_copy(0, rows, c_latents[start:stop])
+            )
+        final = torch.cat(finals)
+        n_out = final.shape[0]
         if output_type == "latent":
-            base = base_latents if return_base_images else None
-            return self._output(final, None, base, return_base_images, return_dict)
+            return self._output(final, None, base_latents if return_base_images else None, return_base_images,
+                                return_dict)  # fmt: skip
         to_decode = torch.cat([final, base_latents]) if return_base_images else final
         images, nsfw = self._decode(to_decode, device, prompt_embeds.dtype, output_type)
         self.maybe_free_model_hooks()
         if return_base_images:
-            split = lambda x: (x[:n_f], x[n_f:]) if x is not None else (None, None)  # noqa: E731
+            split = lambda x: (x[:n_out], x[n_out:]) if x is not None else (None, None)  # noqa: E731
             (images, base), (nsfw, _) = split(images), split(nsfw)
             return self._output(images, nsfw, base, True, return_dict)
         return self._output(images, nsfw, None, False, return_dict)

@@ -31,12 +31,12 @@ class _MapAttnProcessor:
         split = lambda x: x.reshape(rows, x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731 (rows, heads, n, d)
         q, k, v = split(q), split(k), split(v)
         cond = slice(rows // 2, rows)  # [uncond | cond]
+        maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (rows, heads, pixels, tokens)
         if self.mode == "record":
-            maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (rows, heads, pixels, tokens)
             self.store[self.name] = maps[cond].clone()
         else:
-            maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)
-            maps[cond] = self.store[self.name]  # the F stream's maps
+            if self.mode == "replay":
+                maps[cond] = self.store[self.name]  # the F stream's maps (else: own maps, the ablation)
             v_bar = v.transpose(1, 2).reshape(rows, v.shape[2], -1).clone()  # (rows, tokens, value_dim)
             for delta, positions in self.residuals:
                 for position in positions:
@@ -58,6 +58,7 @@ def naive_infusion_latents(
     latents: torch.Tensor,
     num_inference_steps: int,
     guidance_scale: float,
+    own_queries: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final latents ``(z_F, z_C)`` of one prompt, sampled naively with classifier-free guidance.
 
@@ -68,6 +69,7 @@ def naive_infusion_latents(
         latents: Initial noise (1, channels, height, width), before ``init_noise_sigma`` scaling.
         num_inference_steps: Number of denoising steps.
         guidance_scale: Classifier-free guidance scale (> 1).
+        own_queries: The ablation: C keeps its own attention maps (only ``V̄`` changes).
     """
     unet = pipe.unet
     device = latents.device
@@ -91,7 +93,9 @@ def naive_infusion_latents(
     unet.set_attn_processor(dict(processors))
     try:
         for t in schedulers[0].timesteps:
-            for stream, mode in enumerate(("record", "replay")):  # F first (stores maps), then C (uses them)
+            for stream, mode in enumerate(
+                ("record", "own" if own_queries else "replay")
+            ):  # F first (stores maps), then C (uses them)
                 for processor in naive:
                     processor.mode = mode
                 x = schedulers[stream].scale_model_input(torch.cat([z[stream]] * 2), t)
