@@ -58,6 +58,14 @@ def dual_stream_noise_pred(
     ]
     index = torch.tensor(f_rows, device=latents.device)
     per_row = torch.is_tensor(timesteps) and timesteps.ndim == 1
+    if not replace_queries:  # own queries: no F stream at all, one call with the residuals on the placed rows
+        plan = build_plan(
+            residuals, [ResidualEntry(f_rows[e.c_index], e.concept, e.strength, e.positions) for e in entries],
+            f_rows=list(range(n_f)), n_f=0, device=latents.device, dtype=encoder_hidden_states.dtype,
+            replace_queries=False,
+        )  # fmt: skip
+        with infusion_hooks(unet, plan):
+            return unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
     if not batched:
         with torch.no_grad(), capture_queries(unet) as queries:
             f_pred = unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
