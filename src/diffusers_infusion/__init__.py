@@ -12,8 +12,10 @@ from .errors import (  # noqa: E402
     InfusionError,
     UnknownConceptError,
 )
+from .generation import InfusionGenerationMixin, InfusionPipelineOutput  # noqa: E402
 from .loaders import InfusionLoaderMixin  # noqa: E402
-from .pipeline import InfusionPipeline, InfusionPipelineOutput  # noqa: E402
+from .pipeline import InfusionPipeline  # noqa: E402
+from .pipeline_xl import InfusionXLPipeline  # noqa: E402
 
 __all__ = [
     "CONCEPT_WEIGHT_NAME",
@@ -24,9 +26,11 @@ __all__ = [
     "InfusionCallError",
     "InfusionConcept",
     "InfusionError",
+    "InfusionGenerationMixin",
     "InfusionLoaderMixin",
     "InfusionPipeline",
     "InfusionPipelineOutput",
+    "InfusionXLPipeline",
     "UnknownConceptError",
     "__version__",
 ]

@@ -94,7 +94,9 @@ class InfusionLoaderMixin:
             )
         # 3. Check it fits this pipeline: every cross-attention layer, right lengths, a known class word.
         concept.validate_for(self.unet)
-        class_word_token_ids(self.tokenizer, concept.class_word)
+        for tokenizer in (self.tokenizer, getattr(self, "tokenizer_2", None)):
+            if tokenizer is not None:
+                class_word_token_ids(tokenizer, concept.class_word)
         # 4. Keep it (detached, on CPU; moved to the UNet's device once per call) and activate it.
         name = adapter_name or self._next_infusion_name()
         loaded[name] = concept.to(device="cpu")

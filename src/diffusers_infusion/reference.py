@@ -63,7 +63,7 @@ def naive_infusion_latents(
     """Final latents ``(z_F, z_C)`` of one prompt, sampled naively with classifier-free guidance.
 
     Args:
-        pipe: A Stable Diffusion pipeline (its UNet, text encoder and scheduler are used; processors restored).
+        pipe: A Stable Diffusion or SDXL pipeline (UNet, text encoders, scheduler; processors restored).
         prompt: The prompt.
         concepts: ``(residuals by layer, strength, token positions)`` for each concept in the prompt.
         latents: Initial noise (1, channels, height, width), before ``init_noise_sigma`` scaling.
@@ -73,7 +73,15 @@ def naive_infusion_latents(
     """
     unet = pipe.unet
     device = latents.device
-    cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
+    added = None
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL: pooled embeddings and size conditioning
+        cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(prompt, None, device, 1, True)
+        side = latents.shape[-1] * pipe.vae_scale_factor
+        projection = pipe.text_encoder_2.config.projection_dim
+        ids = pipe._get_add_time_ids((side, side), (0, 0), (side, side), cond.dtype, projection)
+        added = {"text_embeds": torch.cat([uncond_pooled, pooled]), "time_ids": torch.cat([ids, ids]).to(device)}
+    else:
+        cond, uncond = pipe.encode_prompt(prompt, device, 1, True)
     text = torch.cat([uncond, cond])
     original = dict(unet.attn_processors)
     store: dict = {}
@@ -99,7 +107,7 @@ def naive_infusion_latents(
                 for processor in naive:
                     processor.mode = mode
                 x = schedulers[stream].scale_model_input(torch.cat([z[stream]] * 2), t)
-                eps_u, eps_c = unet(x, t, encoder_hidden_states=text, return_dict=False)[0].chunk(2)
+                eps_u, eps_c = unet(x, t, text, added_cond_kwargs=added, return_dict=False)[0].chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
                 z[stream] = schedulers[stream].step(eps, t, z[stream], return_dict=False)[0]
     finally:

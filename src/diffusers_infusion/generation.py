@@ -1,0 +1,218 @@
+"""The dual-stream call shared by the SD and SDXL pipelines: placement, the ``[F | C]`` layout, the plain loop.
+
+Both streams start from the same noise. Each step runs one UNet call on ``[F | C]`` (twice that under
+classifier-free guidance), so the four evaluations ``ε_F^u, ε_C^u, ε_F^c, ε_C^c`` of METHOD.md share one batch;
+guidance is applied per row, i.e. per stream, and the scheduler steps both streams in one call on the concatenated
+latents, so multistep schedulers keep one history row per sample and never mix the streams. Prompts without a
+class word (or with no active concept) get no C row at all; a call with no C row is exactly the plain pipeline's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+
+from .attention import infusion_hooks
+from .errors import InfusionCallError
+from .loaders import InfusionLoaderMixin
+from .residuals import ResidualEntry, build_plan
+from .tokens import check_token_indices, find_class_word_positions
+
+Placement = list[tuple[str, float, tuple[int, ...]]]  # per prompt: (concept name, strength, token positions)
+
+
+@dataclass
+class InfusionPipelineOutput(BaseOutput):
+    """``images`` from the C stream (the F stream's where no concept applies); ``base_images`` from F if asked."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+    base_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
+
+
+def _select(images, rows: list[int]):
+    """Rows of a batch of images, whatever its type (list of PIL images, numpy array, tensor)."""
+    if images is None:
+        return None
+    if isinstance(images, list):
+        return [images[r] for r in rows]
+    return images[torch.tensor(rows)] if isinstance(images, torch.Tensor) else images[np.asarray(rows)]
+
+
+def _clone_generator(generator: torch.Generator) -> torch.Generator:
+    clone = torch.Generator(device=generator.device)
+    clone.set_state(generator.get_state())
+    return clone
+
+
+class InfusionGenerationMixin(InfusionLoaderMixin):
+    """Infusion's call logic; a pipeline supplies its text encoding and its plain ``__call__``."""
+
+    def _per_prompt(self, value: Any, n_prompts: int, *, argument: str) -> list:
+        """Broadcast a dict (or None) to every prompt, or check a per-prompt list has one entry per prompt."""
+        if value is None or isinstance(value, Mapping):
+            return [value] * n_prompts
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if len(value) != n_prompts:
+                raise InfusionCallError(
+                    f"{argument} has {len(value)} entries for {n_prompts} prompts. Pass one dict per prompt, "
+                    "or a single dict for the whole batch."
+                )
+            return list(value)
+        raise InfusionCallError(f"{argument}={value!r} must be a dict, a list of dicts (one per prompt), or None.")
+
+    def place_infusion_concepts(
+        self,
+        prompts: Sequence[str] | None,
+        n_prompts: int,
+        infusion_concepts: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
+        infusion_token_indices: Mapping[str, Sequence[int]] | Sequence[Mapping[str, Sequence[int]]] | None = None,
+    ) -> list[Placement]:
+        """For each prompt, the concepts it receives: ``(name, strength, token positions)``.
+
+        Concepts with strength 0 and concepts whose class word is not in the prompt are left out, so a prompt
+        with an empty list needs no C stream.
+        """
+        _, active = self._infusion_state()
+        concept_sets = self._per_prompt(infusion_concepts, n_prompts, argument="infusion_concepts")
+        index_sets = self._per_prompt(infusion_token_indices, n_prompts, argument="infusion_token_indices")
+        if prompts is not None:
+            prompts = self.maybe_convert_prompt(list(prompts), self.tokenizer)  # textual-inversion tokens
+        sequence_length = self.tokenizer.model_max_length
+        placements = []
+        for p in range(n_prompts):
+            concepts = dict(active if concept_sets[p] is None else concept_sets[p])
+            self._check_names(list(concepts), argument="infusion_concepts")
+            indices = index_sets[p] or {}
+            self._check_names(list(indices), argument="infusion_token_indices")
+            stray = [n for n in indices if n not in concepts]
+            if stray:
+                raise InfusionCallError(
+                    f"infusion_token_indices names {stray}, which are not active for prompt {p} (active: "
+                    f"{list(concepts)}). Activate them with set_infusion_concepts or infusion_concepts."
+                )
+            placed = []
+            for name, strength in concepts.items():
+                if not isinstance(strength, (int, float)) or isinstance(strength, bool):
+                    raise InfusionCallError(f"infusion_concepts[{name!r}]={strength!r} must be a number.")
+                if strength == 0:
+                    continue
+                if name in indices:
+                    positions = check_token_indices(indices[name], name=name, sequence_length=sequence_length)
+                elif prompts is None:
+                    raise InfusionCallError(
+                        f"Concept {name!r} is active but the call has prompt_embeds and no prompt, so its class word "
+                        "cannot be found. Pass infusion_token_indices={name: [positions]} or the prompt, or "
+                        "deactivate it with infusion_concepts={}."
+                    )
+                else:
+                    word = self.infusion_concepts[name].class_word
+                    positions = tuple(find_class_word_positions(self.tokenizer, prompts[p], word))
+                if positions:
+                    placed.append((name, float(strength), positions))
+            placements.append(placed)
+        return placements
+
+    def _place_variants(self, prompts, n_prompts, infusion_concepts, infusion_variants, infusion_token_indices,
+                        infusion_mode, return_base_images) -> list[list[Placement]]:  # fmt: skip
+        """One placement list per variant (a single one without ``infusion_variants``), after checking the mode."""
+        if infusion_mode not in ("exact", "fast"):
+            raise InfusionCallError(f"infusion_mode={infusion_mode!r} must be 'exact' (the paper's method) or 'fast'.")
+        if infusion_mode == "fast" and return_base_images:
+            raise InfusionCallError("return_base_images=True needs infusion_mode='exact': 'fast' runs no F stream.")
+        if infusion_variants is not None and infusion_concepts is not None:
+            raise InfusionCallError("Pass infusion_variants or infusion_concepts, not both.")
+        variants = [infusion_concepts] if infusion_variants is None else list(infusion_variants)
+        if infusion_variants is not None and (not variants or not all(isinstance(v, Mapping) for v in variants)):
+            raise InfusionCallError(
+                f"infusion_variants={infusion_variants!r} must be a non-empty list of dicts name -> strength."
+            )
+        return [self.place_infusion_concepts(prompts, n_prompts, v, infusion_token_indices) for v in variants]
+
+    def _generate(
+        self,
+        groups: list[list[Placement]],
+        *,
+        n_images: int,
+        exact: bool,
+        embeds: dict[str, torch.Tensor | None],
+        latents: torch.Tensor,
+        generator,
+        run: Callable[..., Any],
+        return_base_images: bool,
+        return_dict: bool,
+    ):
+        """Lay out ``[F | C]``, run the plain loop once with the hooks on, and pick each image's row.
+
+        Args:
+            groups: Placements per variant, per prompt.
+            n_images: Images per prompt.
+            exact: The paper's method (F rows + C rows) or the fast mode (C rows only, own queries).
+            embeds: Per-image tensors of the F batch (prompt embeddings and the like), expanded to the layout.
+            latents: Initial noise of the F batch (before ``init_noise_sigma``).
+            generator: The call's generator(s).
+            run: The plain pipeline call, taking the expanded ``embeds``, ``latents`` and ``generator``.
+            return_base_images: Also return F's images.
+            return_dict: Return an ``InfusionPipelineOutput`` (else a tuple).
+        """
+        n_f = latents.shape[0]
+        device = latents.device
+        # 1. C row j copies F row f_rows[j] (same prompt, same noise); in fast mode every image is a C row.
+        f_rows, entries, group_rows = [], [], []
+        for placements in groups:
+            start = len(f_rows)
+            for p, placed in enumerate(placements):
+                for k in range(n_images if (placed or not exact) else 0):
+                    entries += [ResidualEntry(len(f_rows), name, s, pos) for name, s, pos in placed]
+                    f_rows.append(p * n_images + k)
+            group_rows.append((start, len(f_rows)))
+        index = torch.tensor(f_rows, device=device)
+
+        def expand(x):
+            if x is None:
+                return None
+            picked = x.index_select(0, index.to(x.device))
+            return torch.cat([x, picked]) if exact else picked
+
+        if isinstance(generator, list):  # C rows get a copy of their F row's generator: the same noise draws
+            clones = [_clone_generator(generator[r]) for r in f_rows]
+            generator = generator + clones if exact else clones
+        dtype = next(e for e in embeds.values() if e is not None).dtype
+        names = list(dict.fromkeys(e.concept for e in entries))
+        plan = build_plan(
+            self._infusion_residuals(names, device, dtype), entries, f_rows=f_rows, n_f=n_f if exact else 0,
+            device=device, dtype=dtype, replace_queries=exact,
+        )  # fmt: skip
+
+        # 2. The plain sampling loop (and decoding) on [F | C], with the hooks on every cross-attention layer.
+        with infusion_hooks(self.unet, plan):
+            images, nsfw = run(latents=expand(latents), generator=generator,
+                               **{k: expand(v) for k, v in embeds.items()})  # fmt: skip
+
+        # 3. Each image comes from its C row if it has one, else from its F row.
+        offset = n_f if exact else 0
+        c_row_of = [dict() for _ in groups]
+        for g, (start, stop) in enumerate(group_rows):
+            c_row_of[g] = {f_rows[j]: offset + j for j in range(start, stop)}
+        rows = [c_row_of[g].get(r, r) for g in range(len(groups)) for r in range(n_f)]
+        out_images, out_nsfw = _select(images, rows), _select(nsfw, rows)
+        base = _select(images, list(range(n_f))) if return_base_images else None
+        if not return_dict:
+            return (out_images, out_nsfw, base) if return_base_images else (out_images, out_nsfw)
+        return InfusionPipelineOutput(images=out_images, nsfw_content_detected=out_nsfw, base_images=base)
+
+    @staticmethod
+    def _plain_output(output, n_groups: int, return_base_images: bool, return_dict: bool):
+        """The plain pipeline's output (no C row anywhere), repeated per variant."""
+        rows = list(range(len(output.images))) * n_groups
+        images, nsfw = _select(output.images, rows), _select(output.nsfw_content_detected, rows)
+        base = _select(output.images, rows[: len(output.images)]) if return_base_images else None
+        if not return_dict:
+            return (images, nsfw, base) if return_base_images else (images, nsfw)
+        return InfusionPipelineOutput(images=images, nsfw_content_detected=nsfw, base_images=base)
