@@ -106,7 +106,7 @@ def main() -> None:
         return worker(args)
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} repeats={args.repeats} "
           f"threads={args.threads}")  # fmt: skip
-    print("| batch | method | s / image-call | ratio to plain | peak RSS growth (MB) | ratio to plain |")
+    print("| batch | method | s per call (per variant) | ratio to plain | peak RSS growth (MB) | ratio to plain |")
     print("| --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
         results = {}
