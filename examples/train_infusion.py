@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused: photos are held in memory.")
+    p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward.")
     p.add_argument("--own_queries", action="store_true", help="Ablation: C attends with its own queries.")
     args = p.parse_args(argv)
     for flag in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
@@ -165,6 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False)
         module.to(accelerator.device, dtype=weight_dtype)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        unet.train()  # dropout-free in Stable Diffusion; needed for diffusers' checkpointing
     model = InfusionResiduals.for_unet(unet)
     components = dict(
         tokenizer=tokenizer,

@@ -48,3 +48,28 @@ def test_mask_restricts_the_loss(pipe):
     top = infusion_training_loss(*args, noise=noise, timesteps=torch.tensor([300]), mask=mask)
     bottom = infusion_training_loss(*args, noise=noise, timesteps=torch.tensor([300]), mask=1 - mask)
     assert torch.allclose((top + bottom) / 2, full, atol=1e-6) and not torch.allclose(top, bottom)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient_and_removes_its_hooks(pipe):
+    from diffusers_infusion.attention import cross_attention_layers
+
+    unet = pipe.unet
+    model = InfusionResiduals.for_unet(unet)
+    with torch.no_grad():
+        for delta in model.deltas:
+            delta.normal_(generator=torch.Generator().manual_seed(0))
+        text, _ = pipe.encode_prompt(["a photo of a cat"] * 2, "cpu", 1, False)
+    g = torch.Generator().manual_seed(1)
+    z0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+            unet.train()
+        model.zero_grad()
+        loss = infusion_training_loss(unet, pipe.scheduler, model(), z0, text, [[5], [5]], noise=noise,
+                                      timesteps=torch.tensor([100, 700]))  # fmt: skip
+        loss.backward()
+        grads.append(torch.cat([d.grad.flatten() for d in model.deltas]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-7) and grads[0].abs().max() > 0
+    assert all(not a.to_q._forward_hooks and not a.to_v._forward_hooks for a in cross_attention_layers(unet).values())

@@ -125,6 +125,15 @@ def test_push_to_hub_uploads_the_concept_without_checkpoints(setup, monkeypatch)
     assert "user/my-cat" in hub.repos["user/my-cat"]["README.md"].decode()  # the card's loading snippet
 
 
+def test_gradient_checkpointing_and_bf16_train_the_same_concept(setup):
+    plain = concept_at(train(setup, "plain", "--max_train_steps", "2"))
+    checkpointed = concept_at(train(setup, "gc", "--max_train_steps", "2", "--gradient_checkpointing"))
+    for name, tensor in plain.residuals.items():
+        assert torch.allclose(checkpointed.residuals[name], tensor, atol=1e-6), name
+    bf16 = concept_at(train(setup, "bf16", "--max_train_steps", "2", "--mixed_precision", "bf16"))
+    assert all(torch.isfinite(t).all() and t.abs().max() > 0 for t in bf16.residuals.values())
+
+
 def test_checkpoints_total_limit(setup):
     out = train(setup, "limited", "--max_train_steps", "7", "--checkpointing_steps", "2",
                 "--checkpoints_total_limit", "2")  # fmt: skip

@@ -6,12 +6,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 from .attention import capture_queries, infusion_hooks
 from .residuals import ResidualEntry, build_plan
+
+
+@contextlib.contextmanager
+def _hooks_through_backward(unet: torch.nn.Module, plan) -> Iterator[None]:
+    """``infusion_hooks`` for one forward; kept until the backward pass when the UNet checkpoints gradients.
+
+    Gradient checkpointing recomputes blocks during backward, and the recomputation must see the same hooks. The
+    hooks are then removed once every residual has received its gradient (or at the next forward, if no backward
+    ever comes).
+    """
+    _remove_stale_hooks(unet)
+    residuals = [r for r in plan.value_residuals.values() if r.requires_grad]
+    if not (torch.is_grad_enabled() and residuals and getattr(unet, "is_gradient_checkpointing", False)):
+        with infusion_hooks(unet, plan):
+            yield
+        return
+    stack = contextlib.ExitStack()
+    stack.enter_context(infusion_hooks(unet, plan))
+    unet.__dict__["_infusion_pending_hooks"] = stack
+    try:
+        yield
+    except BaseException:
+        _remove_stale_hooks(unet)
+        raise
+    torch.autograd.graph.register_multi_grad_hook(residuals, lambda grads: _remove_stale_hooks(unet), mode="all")
+
+
+def _remove_stale_hooks(unet: torch.nn.Module) -> None:
+    stack = unet.__dict__.pop("_infusion_pending_hooks", None)
+    if stack is not None:
+        stack.close()
+
 
 Placement = Sequence[tuple[str, float, Sequence[int]]]  # (concept name, strength, token positions)
 
@@ -64,7 +97,7 @@ def dual_stream_noise_pred(
             f_rows=list(range(n_f)), n_f=0, device=latents.device, dtype=encoder_hidden_states.dtype,
             replace_queries=False,
         )  # fmt: skip
-        with infusion_hooks(unet, plan):
+        with _hooks_through_backward(unet, plan):
             return unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
     if not batched:
         with torch.no_grad(), capture_queries(unet) as queries:
@@ -74,7 +107,7 @@ def dual_stream_noise_pred(
             replace_queries=replace_queries, captured_queries=queries,
         )  # fmt: skip
         pick = lambda x: x.index_select(0, index)  # noqa: E731
-        with infusion_hooks(unet, plan):
+        with _hooks_through_backward(unet, plan):
             c_pred = unet(pick(latents), pick(timesteps) if per_row else timesteps, pick(encoder_hidden_states),
                           return_dict=False, **unet_kwargs)[0]  # fmt: skip
         return f_pred.index_copy(0, index, c_pred)
@@ -83,7 +116,7 @@ def dual_stream_noise_pred(
         residuals, entries, f_rows=f_rows, n_f=n_f, device=latents.device, dtype=encoder_hidden_states.dtype,
         replace_queries=replace_queries,
     )  # fmt: skip
-    with infusion_hooks(unet, plan):
+    with _hooks_through_backward(unet, plan):
         pred = unet(expand(latents), expand(timesteps) if per_row else timesteps, expand(encoder_hidden_states),
                     return_dict=False, **unet_kwargs)[0]  # fmt: skip
     return pred[:n_f].index_copy(0, index, pred[n_f:])
