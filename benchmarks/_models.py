@@ -19,20 +19,14 @@ def sd15_components(seed: int = 0) -> dict:
 
     Only the UNet matters for the ratios (benchmarks time the denoising loop, ``output_type="latent"``).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from diffusers_infusion.configs import SD15_UNET, build_unet
     from diffusers_infusion.tiny import build_clip_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).eval()
+    unet = build_unet(SD15_UNET, device="cpu").eval()
     tokenizer = build_clip_tokenizer()
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -4,7 +4,6 @@ import pickle
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -16,19 +15,12 @@ from diffusers_infusion import (
     ConceptNotFoundError,
     InfusionConcept,
 )
+from diffusers_infusion.configs import SD15_UNET, build_unet
 
 
 def sd15_unet_on_meta() -> torch.nn.Module:
     """Stable Diffusion 1.5's UNet config, built without weights."""
-    with torch.device("meta"):
-        return UNet2DConditionModel(
-            sample_size=64,
-            cross_attention_dim=768,
-            attention_head_dim=8,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
+    return build_unet(SD15_UNET)
 
 
 def test_sd15_concept_has_16_layers_and_12480_values(tmp_path):

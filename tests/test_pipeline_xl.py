@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
 
 from diffusers_infusion import ConceptMismatchError, InfusionCallError, InfusionConcept, InfusionXLPipeline
+from diffusers_infusion.configs import SDXL_UNET, build_unet
 from diffusers_infusion.reference import naive_infusion_latents
 from diffusers_infusion.tiny import tiny_sd_components, tiny_sdxl_components
 from diffusers_infusion.tokens import find_class_word_positions
@@ -25,14 +26,7 @@ def xl(xl_components):
 
 
 def sdxl_unet_on_meta():
-    with torch.device("meta"):
-        return UNet2DConditionModel(
-            sample_size=128, layers_per_block=2, block_out_channels=(320, 640, 1280), cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        )  # fmt: skip
+    return build_unet(SDXL_UNET)
 
 
 def test_sdxl_concept_has_70_layers_and_83200_values():

@@ -17,6 +17,7 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import infusion_hooks
 from .errors import InfusionCallError
@@ -134,6 +135,17 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
                 f"infusion_variants={infusion_variants!r} must be a non-empty list of dicts name -> strength."
             )
         return [self.place_infusion_concepts(prompts, n_prompts, v, infusion_token_indices) for v in variants]
+
+    def _initial_noise(self, n_f: int, height: int, width: int, generator, latents, device, dtype) -> torch.Tensor:
+        """The F batch's initial noise, drawn exactly as the plain pipeline draws it (or the given ``latents``)."""
+        if isinstance(generator, list) and len(generator) != n_f:
+            raise InfusionCallError(
+                f"generator is a list of {len(generator)} generators for {n_f} images. Pass one per image or one."
+            )
+        if latents is not None:
+            return latents
+        shape = (n_f, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
     def _generate(
         self,

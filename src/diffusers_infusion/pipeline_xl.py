@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.utils.torch_utils import randn_tensor
 
 from .errors import InfusionCallError
 from .generation import InfusionGenerationMixin, InfusionPipelineOutput
@@ -144,13 +143,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
         embeds = dict(zip(names, embeds))
         n_f = n_prompts * n_images
-        if isinstance(generator, list) and len(generator) != n_f:
-            raise InfusionCallError(
-                f"generator is a list of {len(generator)} generators for {n_f} images. Pass one per image or one."
-            )
-        shape = (n_f, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=embeds["prompt_embeds"].dtype)
+        latents = self._initial_noise(n_f, height, width, generator, latents, device, embeds["prompt_embeds"].dtype)
 
         # 4. The plain loop on the [F | C] batch, with the Infusion hooks on.
         def run(**expanded):
