@@ -143,3 +143,12 @@ def test_peft_lora_keeps_working(pipe, sd_pipe, make_concept, gen):
 
 def test_plain_pipeline_class_is_untouched(components):
     assert not hasattr(StableDiffusionPipeline, "load_infusion_concept")
+
+
+def test_fused_qkv_projections_are_refused_with_the_fix(pipe, make_concept):
+    pipe.load_infusion_concept(make_concept(pipe.unet, "cat"))
+    pipe.fuse_qkv_projections()
+    with pytest.raises(RuntimeError, match="unfuse_qkv_projections"):
+        pipe("a cat", num_inference_steps=1)
+    pipe.unfuse_qkv_projections()
+    pipe("a cat", num_inference_steps=1, output_type="latent")

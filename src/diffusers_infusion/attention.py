@@ -87,7 +87,7 @@ def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan) -> Iterator[None]:
     handles = []
     try:
         for name, attn in layers.items():
-            if getattr(attn, "fused_projections", False):
+            if getattr(attn, "fused_projections", False) and "Fused" in type(attn.processor).__name__:
                 raise RuntimeError(
                     f"Layer '{name}' has fused QKV projections, which Infusion cannot hook. "
                     "Call `pipe.unfuse_qkv_projections()` before using Infusion concepts."
