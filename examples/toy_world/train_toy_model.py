@@ -1,0 +1,264 @@
+"""Train the toy Stable Diffusion of the toy world from scratch, on CPU, from a fixed seed.
+
+Stages (each resumable from atomically written checkpoints in ``--work-dir``):
+
+1. render the training set: ``--num-images`` scenes of the toy world, none of them showing a held-out
+   (class, color, background) combination (see ``diffusers_infusion.toy.world.is_held_out``);
+2. train the ``AutoencoderKL`` (64x64x3 <-> 8x16x16) on those images;
+3. encode every image once and cache the latents (scaled to unit variance);
+4. train the ``UNet2DConditionModel`` and the ``CLIPTextModel`` jointly on the cached latents, with randomly
+   drawn captions (attributes sometimes omitted) and 10% empty captions for classifier-free guidance;
+   an exponential moving average of both is what gets saved.
+
+The result is a ``StableDiffusionPipeline`` folder (safety checker None, DDIM scheduler). The shipped model was made
+by these two commands (the second resumes the first and continues with offset noise), about 49 minutes on one
+CPU thread in all:
+
+    python examples/toy_world/train_toy_model.py --steps 4000
+    python examples/toy_world/train_toy_model.py --steps 5600 --noise-offset 0.1
+
+Run a command again with the same arguments to resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from diffusers_infusion.toy.model import build_toy_components  # noqa: E402
+from diffusers_infusion.toy.world import caption, is_held_out, render, sample_scene  # noqa: E402
+
+logger = logging.getLogger("train_toy_model")
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def excluded(obj, background: str) -> bool:
+    return is_held_out(obj.cls, obj.color, background)
+
+
+def render_dataset(n: int, seed: int, path: Path) -> dict:
+    """Render ``n`` training scenes (held-out combinations excluded) and cache them at ``path``."""
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    scenes, images = [], []
+    for i in tqdm(range(n), desc="render", mininterval=5):
+        scene = sample_scene(seed * 1_000_003 + i, exclude=excluded)
+        scenes.append(scene)
+        images.append(np.asarray(render(scene), dtype=np.uint8))
+    data = {"scenes": scenes, "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()}
+    save_atomic(data, path)  # images: (N, 3, 64, 64) uint8
+    return data
+
+
+def object_masks(scenes: list, path: Path) -> torch.Tensor:
+    """Where each training image shows an object (it differs from its background alone): (N, 1, 64, 64) bool."""
+    if path.exists():
+        return torch.load(path)
+    masks = []
+    for scene in tqdm(scenes, desc="masks", mininterval=5):
+        full = np.asarray(render(scene), dtype=np.int16)
+        empty = np.asarray(render(replace(scene, objects=())), dtype=np.int16)
+        masks.append(np.abs(full - empty).max(-1) > 8)
+    out = torch.from_numpy(np.stack(masks))[:, None]
+    save_atomic(out, path)
+    return out
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_vae(accelerator: Accelerator, vae, images: torch.Tensor, masks: torch.Tensor, args, ckpt: Path):
+    """Stage 2: reconstruction (L1 + MSE, object pixels weighted ``--vae-object-weight``) with a small KL term."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        logger.info("resuming VAE at step %d", start)
+    vae.train()
+    vae, opt = accelerator.prepare(vae, opt)
+    bar = tqdm(range(start, args.vae_steps), desc="vae", initial=start, total=args.vae_steps, mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
+        gen = torch.Generator().manual_seed(args.seed * 7919 + step)
+        idx = torch.randint(0, len(images), (args.vae_batch,), generator=gen)
+        x = images[idx].float().div(127.5).sub(1.0).to(accelerator.device)  # (B, 3, 64, 64) in [-1, 1]
+        weight = 1.0 + args.vae_object_weight * masks[idx].float().to(x.device)  # (B, 1, 64, 64)
+        posterior = accelerator.unwrap_model(vae).encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(x.device)
+        recon = accelerator.unwrap_model(vae).decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()
+        err = (recon - x).abs()
+        loss = (weight * (err + err.square())).mean() / weight.mean() + args.vae_kl * kl
+        accelerator.backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.vae_steps:
+            model = accelerator.unwrap_model(vae)
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, ckpt)
+    vae = accelerator.unwrap_model(vae)
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, path: Path, batch: int = 256) -> torch.Tensor:
+    """Stage 3: posterior means of every image, (N, 8, 16, 16), unscaled."""
+    if path.exists():
+        return torch.load(path)
+    out = []
+    for i in tqdm(range(0, len(images), batch), desc="encode", mininterval=5):
+        x = images[i : i + batch].float().div(127.5).sub(1.0)
+        out.append(vae.encode(x).latent_dist.mean)
+    latents = torch.cat(out)
+    save_atomic(latents, path)
+    return latents
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - decay)
+
+
+def train_unet(accelerator: Accelerator, comps: dict, latents: torch.Tensor, scenes: list, args, ckpt: Path):
+    """Stage 4: denoising loss on cached latents, UNet and text encoder together; returns the EMA copies."""
+    unet, text_encoder = comps["unet"], comps["text_encoder"]
+    tokenizer, scheduler = comps["tokenizer"], comps["scheduler"]
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        for module, key in ((unet, "unet"), (text_encoder, "text"), (ema_unet, "ema_unet"), (ema_text, "ema_text")):
+            module.load_state_dict(state[key])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        logger.info("resuming UNet at step %d", start)
+    unet.train()
+    text_encoder.train()
+    unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
+    alphas = scheduler.alphas_cumprod.to(accelerator.device)  # (1000,)
+    bar = tqdm(range(start, args.steps), desc="unet", initial=start, total=args.steps, mininterval=5)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        gen = torch.Generator().manual_seed(args.seed * 104729 + step)
+        rng = random.Random(f"{args.seed}-captions-{step}")
+        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        texts = ["" if rng.random() < 0.1 else caption(scenes[i], rng=rng) for i in idx.tolist()]
+        ids = tokenizer(
+            texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(accelerator.device)  # (B, T)
+        z0 = latents[idx].to(accelerator.device)  # (B, 8, 16, 16)
+        noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+        if args.noise_offset:  # per-sample, per-channel constant: the noise's mean must not decide the picture
+            noise = noise + args.noise_offset * torch.randn(z0.shape[:2], generator=gen).to(z0.device)[..., None, None]
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=gen).to(z0.device)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        hidden = text_encoder(ids)[0]  # (B, T, 64)
+        pred = unet(zt, t, hidden).sample  # (B, 8, 16, 16)
+        loss = F.mse_loss(pred, noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema_unet, accelerator.unwrap_model(unet), decay)
+        ema_update(ema_text, accelerator.unwrap_model(text_encoder), decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
+            state = {
+                "unet": accelerator.unwrap_model(unet).state_dict(),
+                "text": accelerator.unwrap_model(text_encoder).state_dict(),
+                "ema_unet": ema_unet.state_dict(),
+                "ema_text": ema_text.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step + 1,
+            }
+            save_atomic(state, ckpt)
+    return ema_unet.eval(), ema_text.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", type=Path, default=Path("examples/toy_world/model"))
+    parser.add_argument("--work-dir", type=Path, default=Path("out/toy_world_train"), help="checkpoints and caches")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-images", type=int, default=20000)
+    parser.add_argument("--vae-steps", type=int, default=1000)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--vae-object-weight", type=float, default=4.0)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--vae-kl", type=float, default=1e-4)
+    parser.add_argument("--steps", type=int, default=4000, help="UNet training steps")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--noise-offset", type=float, default=0.0, help="std of a per-channel constant added to noise")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    accelerator = Accelerator()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    comps = build_toy_components(args.seed)
+    data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt")
+    masks = object_masks(data["scenes"], args.work_dir / "masks.pt")
+    vae = train_vae(accelerator, comps["vae"], data["images"], masks, args, args.work_dir / "vae.ckpt")
+    latents = encode_latents(vae, data["images"], args.work_dir / "latents.pt")
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    logger.info("VAE done after %.1f min; latent scaling factor %.4f", (time.time() - t0) / 60, scale)
+    unet, text_encoder = train_unet(
+        accelerator, comps, latents * scale, data["scenes"], args, args.work_dir / "unet.ckpt"
+    )
+
+    from diffusers import StableDiffusionPipeline
+
+    comps.update(unet=unet, text_encoder=text_encoder, vae=vae)
+    pipe = StableDiffusionPipeline(**comps, requires_safety_checker=False)
+    pipe.save_pretrained(args.output)
+    minutes = (time.time() - t0) / 60
+    size = sum(f.stat().st_size for f in args.output.rglob("*") if f.is_file()) / 1e6
+    print(f"saved {args.output} ({size:.1f} MB) after {minutes:.1f} min (this run only)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""Personal concepts of the toy world, and the concept-similarity score (the toy analogue of CLIP-I / DINO).
+
+A personal concept is an *instance* of a class word that looks like nothing the base model was trained on:
+the class silhouette painted with a two-color pattern and a mark, in colors outside the world's palette
+(e.g. ``my_cat``: a pink cat with teal stripes and a gold star). Each has a handful of training photos, all in
+**one** background and position (so a method that overfits learns the background too), shipped as PNGs in
+``examples/toy_world/concepts/<name>/`` with a ``metadata.jsonl`` (datasets imagefolder convention).
+
+:func:`concept_similarity` measures how much the object region of an image matches a concept: the shares of
+the concept's colors among the object's pixels, compared with those in the concept's photos (1.0 for the
+concept's own look, about 0 for a plain instance of the class).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .world import COLORS, PATTERNS, POSITIONS, SIZE, Scene, ToyObject, render, to_array
+
+CONCEPTS_DIR = Path(__file__).resolve().parents[3] / "examples" / "toy_world" / "concepts"
+
+
+@dataclass(frozen=True)
+class ToyConcept:
+    """A personal concept: its class word, look (colors: base, pattern, mark) and where its photos were shot."""
+
+    name: str
+    class_word: str
+    colors: tuple[tuple[int, int, int], ...]  # (base, pattern, mark)
+    background: str
+    position: str
+    size: str = "big"
+    num_photos: int = 5
+
+    def object(self, position: str | None = None, size: str | None = None) -> ToyObject:
+        """The concept as a scene object (at its photos' position and size unless given)."""
+        return ToyObject(self.class_word, "white", position or self.position, size or self.size, pattern=self.name)
+
+    def photo_scenes(self) -> list[Scene]:
+        """The scenes of the concept's training photos: one background, one position, different seeds."""
+        return [Scene(self.background, (self.object(),), seed=1000 + i) for i in range(self.num_photos)]
+
+    def photos(self) -> list[Image.Image]:
+        """The training photos, rendered."""
+        return [render(s) for s in self.photo_scenes()]
+
+
+def _stripes(base, stripe, mark):
+    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
+        d = ImageDraw.Draw(img)
+        d.rectangle((0, 0, *img.size), fill=base)
+        w = img.size[0]
+        for k in range(-w, 2 * w, max(2, int(0.55 * s))):
+            d.polygon([(k, 0), (k + 0.25 * s, 0), (k + 0.25 * s - w, w), (k - w, w)], fill=stripe)
+        _star(d, cx, cy + 0.45 * s, 0.28 * s, mark)
+
+    return paint
+
+
+def _spots(base, spot, mark):
+    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
+        d = ImageDraw.Draw(img)
+        d.rectangle((0, 0, *img.size), fill=base)
+        r, step = 0.16 * s, 0.5 * s
+        for i, y in enumerate(np.arange(cy - 1.2 * s, cy + 1.2 * s, step)):
+            for x in np.arange(cx - 1.2 * s + (i % 2) * step / 2, cx + 1.2 * s, step):
+                d.ellipse((x - r, y - r, x + r, y + r), fill=spot)
+        d.rectangle((cx + 0.22 * s, cy - 0.3 * s, cx + 0.42 * s, cy + 0.1 * s), fill=mark)  # collar
+
+    return paint
+
+
+def _halves(left, right, mark):
+    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
+        d = ImageDraw.Draw(img)
+        d.rectangle((0, 0, cx, img.size[1]), fill=left)
+        d.rectangle((cx, 0, img.size[0], img.size[1]), fill=right)
+        r = 0.16 * s
+        x, y = cx, cy + 0.35 * s  # a heart: two circles and a triangle
+        d.ellipse((x - 2 * r, y - r, x, y + r), fill=mark)
+        d.ellipse((x, y - r, x + 2 * r, y + r), fill=mark)
+        d.polygon([(x - 1.9 * r, y + 0.3 * r), (x + 1.9 * r, y + 0.3 * r), (x, y + 2.2 * r)], fill=mark)
+
+    return paint
+
+
+def _checks(a, b, mark):
+    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
+        d = ImageDraw.Draw(img)
+        d.rectangle((0, 0, *img.size), fill=a)
+        q = 0.3 * s
+        for i in range(-6, 7):
+            for j in range(-6, 7):
+                if (i + j) % 2:
+                    d.rectangle((cx + i * q, cy + j * q, cx + (i + 1) * q, cy + (j + 1) * q), fill=b)
+        _star(d, cx - 0.05 * s, cy - 0.1 * s, 0.25 * s, mark)
+
+    return paint
+
+
+def _star(d: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
+    pts = []
+    for k in range(10):
+        rad = r if k % 2 == 0 else 0.45 * r
+        ang = -math.pi / 2 + k * math.pi / 5
+        pts.append((x + rad * math.cos(ang), y + rad * math.sin(ang)))
+    d.polygon(pts, fill=fill)
+
+
+CONCEPTS: dict[str, ToyConcept] = {
+    c.name: c
+    for c in (
+        ToyConcept("my_cat", "cat", ((255, 130, 200), (0, 150, 150), (255, 200, 0)), "grass", "center"),
+        ToyConcept("my_dog", "dog", ((135, 80, 35), (120, 200, 255), (230, 0, 120)), "snow", "right"),
+        ToyConcept("my_teddy", "teddy", ((0, 215, 225), (135, 135, 135), (230, 0, 60)), "brick", "left"),
+        ToyConcept("my_cup", "cup", ((120, 0, 50), (160, 245, 200), (255, 200, 0)), "beach", "center"),
+    )
+}
+_PAINTERS = {"my_cat": _stripes, "my_dog": _spots, "my_teddy": _halves, "my_cup": _checks}
+for _c in CONCEPTS.values():
+    PATTERNS[_c.name] = _PAINTERS[_c.name](*_c.colors)
+
+
+def write_concept_photos(root: str | Path = CONCEPTS_DIR, names: Sequence[str] | None = None) -> list[Path]:
+    """Render each concept's photos to ``root/<name>/<i>.png`` with a ``metadata.jsonl`` ("a photo of a cat")."""
+    folders = []
+    for name in names or list(CONCEPTS):
+        concept = CONCEPTS[name]
+        folder = Path(root) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for i, image in enumerate(concept.photos()):
+            image.save(folder / f"{i}.png")
+            lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a photo of a {concept.class_word}"}))
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        folders.append(folder)
+    return folders
+
+
+def load_concept_photos(name: str, root: str | Path = CONCEPTS_DIR) -> list[tuple[Image.Image, str]]:
+    """The shipped photos of a concept with their captions, as (image, text) pairs."""
+    folder = Path(root) / name
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines() if line.strip()]
+    return [(Image.open(folder / r["file_name"]).convert("RGB"), r["text"]) for r in rows]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Concept similarity
+
+_MATCH_RADIUS = 70.0  # RGB distance (0-255 scale) within which a pixel counts as one of the concept's colors
+
+
+def _crop_columns(position: str) -> slice:
+    x = POSITIONS[position]
+    return slice(max(0, x - 16), min(SIZE, x + 16))
+
+
+@lru_cache(maxsize=16)
+def _background_palette(background: str) -> np.ndarray:
+    """The frequent colors of a background's texture, (K, 3) in 0-255."""
+    pixels = np.concatenate([to_array(render(Scene(background, (), seed=s)))[0].reshape(-1, 3) for s in range(6)])
+    q = (pixels * 255 / 16).astype(int)
+    keys, inverse, counts = np.unique(q, axis=0, return_inverse=True, return_counts=True)
+    keep = counts > 0.01 * len(pixels)
+    return np.stack([pixels[inverse.ravel() == k].mean(0) * 255 for k in np.nonzero(keep)[0]])
+
+
+def color_shares(image, concept: ToyConcept, *, position: str, background: str) -> np.ndarray:
+    """Shares of the concept's colors among the object pixels of the crop at ``position``: (3,) summing to <= 1.
+
+    Object pixels are those of the crop that are neither close to the background's texture colors nor to the
+    dark outline; each counts for the nearest concept color if within the match radius and not closer to one of
+    the world's own object colors (or their detail shades).
+    """
+    arr = to_array(image)[0] if not isinstance(image, np.ndarray) else image
+    crop = arr[10:62, _crop_columns(position)].reshape(-1, 3) * 255  # (P, 3)
+    bg = np.concatenate([_background_palette(background), [[22.0, 22.0, 26.0]]])  # (K + 1, 3)
+    fg = np.linalg.norm(crop[:, None] - bg[None], axis=-1).min(1) > 45  # (P,)
+    pix = crop[fg]
+    if len(pix) < 8:
+        return np.zeros(len(concept.colors))
+    k = len(concept.colors)
+    palette = np.concatenate([np.array(concept.colors, dtype=float), _world_palette()])  # (K + W, 3)
+    dist = np.linalg.norm(pix[:, None] - palette[None], axis=-1)  # (P, K + W)
+    nearest, ok = dist.argmin(1), dist.min(1) < _MATCH_RADIUS
+    ok &= nearest < k  # a pixel closer to one of the world's own colors is not the concept's
+    return np.bincount(nearest[ok], minlength=k)[:k] / len(pix)
+
+
+@lru_cache(maxsize=1)
+def _world_palette() -> np.ndarray:
+    """The world's object colors with their dark and light detail shades, (3 * 8, 3) in 0-255."""
+    base = np.array(list(COLORS.values()), dtype=float)
+    return np.concatenate([base, base * 0.35, base * 0.4 + 150])
+
+
+@lru_cache(maxsize=16)
+def _reference_shares(name: str) -> tuple[float, ...]:
+    concept = CONCEPTS[name]
+    shares = [
+        color_shares(im, concept, position=concept.position, background=concept.background) for im in concept.photos()
+    ]
+    return tuple(np.mean(shares, 0))
+
+
+def concept_similarity(images, concept: ToyConcept | str, *, readings=None) -> list[float]:
+    """How much the object of each image looks like the concept: 1.0 for its own look, ~0 for a plain instance.
+
+    The object is the one the reader finds for the concept's class word (else its most confident object); its
+    crop's color shares are compared with those of the concept's photos: ``sum(min(shares, ref)) / sum(ref)``.
+
+    Args:
+        images: PIL images or an array (N, 64, 64, 3) in [0, 1].
+        concept: A :class:`ToyConcept` or its name.
+        readings: The reader's readings of ``images`` if already computed.
+    """
+    from .reader import read_images
+
+    concept = CONCEPTS[concept] if isinstance(concept, str) else concept
+    images = list(images)
+    readings = readings or read_images(images)
+    ref = np.array(_reference_shares(concept.name))
+    scores = []
+    for image, reading in zip(images, readings):
+        same = [o for o in reading.objects if o.cls == concept.class_word]
+        position = (same[0] if same else reading.main).position
+        shares = color_shares(image, concept, position=position, background=reading.background)
+        scores.append(float(np.minimum(shares, ref).sum() / ref.sum()))
+    return scores

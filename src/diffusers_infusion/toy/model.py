@@ -1,0 +1,126 @@
+"""The toy Stable Diffusion's components: real diffusers/transformers classes at toy sizes, built from configs.
+
+:func:`build_toy_components` returns fresh (untrained) components; ``examples/toy_world/train_toy_model.py`` trains
+them and saves a ``StableDiffusionPipeline`` folder; :func:`load_toy_pipeline` loads the trained one shipped in
+``examples/toy_world/model``.
+
+Sizes: images 64x64x3 -> VAE latents 8x16x16 (two downsamplings); UNet with cross-attention at 8x8 and 4x4 (and its
+mid block);
+a two-layer CLIP text encoder of width 64 over the world's vocabulary (one token per word).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..tiny import build_clip_tokenizer
+from .world import VOCABULARY
+
+#: Where the trained toy model lives in a checkout of the repository.
+TOY_MODEL_DIR = Path(__file__).resolve().parents[3] / "examples" / "toy_world" / "model"
+
+MAX_TOKENS = 24  # padded prompt length; the world's longest caption has 21 tokens with start and end
+
+VAE_CONFIG: dict = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    latent_channels=8,
+    norm_num_groups=8,
+    sample_size=64,
+    mid_block_add_attention=False,
+)
+
+UNET_CONFIG: dict = dict(
+    sample_size=16,
+    in_channels=8,
+    out_channels=8,
+    layers_per_block=1,
+    block_out_channels=(32, 64, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=4,
+    norm_num_groups=16,
+)
+
+TEXT_CONFIG: dict = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=MAX_TOKENS,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+SCHEDULER_CONFIG: dict = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+)
+
+
+def build_toy_tokenizer():
+    """The world's ``CLIPTokenizer``: every word of :data:`~diffusers_infusion.toy.world.VOCABULARY` is one token."""
+    return build_clip_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS)
+
+
+def build_toy_components(seed: int = 0) -> dict:
+    """Fresh, seeded, untrained components for ``StableDiffusionPipeline(**components)``.
+
+    Args:
+        seed: Seed of the initial weights.
+
+    Returns:
+        A dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM), ``safety_checker``
+        (None), ``feature_extractor`` (None) and ``image_encoder`` (None).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_toy_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": DDIMScheduler(**SCHEDULER_CONFIG),
+        "safety_checker": None,
+        "feature_extractor": None,
+        "image_encoder": None,
+    }
+
+
+def load_toy_pipeline(path: str | Path | None = None, *, pipeline_cls=None, dtype: torch.dtype = torch.float32):
+    """Load the trained toy model (``examples/toy_world/model`` by default) as a pipeline.
+
+    Args:
+        path: Model folder; the shipped one when None.
+        pipeline_cls: Pipeline class to load into (``StableDiffusionPipeline`` when None; an
+            ``InfusionPipeline`` works the same way).
+        dtype: Weights dtype after loading (the folder stores fp16 weights; fp32 is the CPU default).
+    """
+    if pipeline_cls is None:
+        from diffusers import StableDiffusionPipeline
+
+        pipeline_cls = StableDiffusionPipeline
+    pipe = pipeline_cls.from_pretrained(str(path or TOY_MODEL_DIR), dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
