@@ -294,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
         save_outputs(accelerator.unwrap_model(model), args, grid)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if accelerator.num_processes > 1:
+        # Everything is written and the process group is destroyed. Leave now: with gloo, a worker's interpreter
+        # shutdown occasionally hangs in torch's exit handlers once its peer has gone (seen with torch 2.13, CPU).
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
