@@ -23,9 +23,8 @@ from .attention import infusion_hooks
 from .errors import InfusionCallError
 from .loaders import InfusionLoaderMixin
 from .residuals import ResidualEntry, build_plan
+from .stream import Placement
 from .tokens import check_token_indices, find_class_word_positions
-
-Placement = list[tuple[str, float, tuple[int, ...]]]  # per prompt: (concept name, strength, token positions)
 
 
 @dataclass
@@ -209,9 +208,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
 
         # 3. Each image comes from its C row if it has one, else from its F row.
         offset = n_f if exact else 0
-        c_row_of = [dict() for _ in groups]
-        for g, (start, stop) in enumerate(group_rows):
-            c_row_of[g] = {f_rows[j]: offset + j for j in range(start, stop)}
+        c_row_of = [{f_rows[j]: offset + j for j in range(start, stop)} for start, stop in group_rows]
         rows = [c_row_of[g].get(r, r) for g in range(len(groups)) for r in range(n_f)]
         out_images, out_nsfw = _select(images, rows), _select(nsfw, rows)
         base = _select(images, list(range(n_f))) if return_base_images else None
