@@ -61,9 +61,12 @@ class ConceptToken:
     """
 
     def __init__(self, tokenizer, text_encoder: torch.nn.Module, *, token: str, init_word: str):
+        known = token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1
         self.tokenizer = copy.deepcopy(tokenizer)
-        if self.tokenizer.add_tokens(token) != 1:
-            raise ValueError(f"token={token!r} is already in the tokenizer's vocabulary. Pass another new token.")
+        if known or self.tokenizer.add_tokens(token) != 1:
+            raise ValueError(
+                f"token={token!r} is already a token of the tokenizer's vocabulary. Pass a new one, e.g. '<concept>'."
+            )
         self.token = token
         self.token_id = self.tokenizer.convert_tokens_to_ids(token)
         self.text_encoder = copy_module(text_encoder)
@@ -109,6 +112,7 @@ class PersonalizationMethod(abc.ABC):
     name: ClassVar[str]
     default_learning_rate: ClassVar[float]
     toy_learning_rate: ClassVar[float]
+    pipeline_class: ClassVar[type | None] = None  # StableDiffusionPipeline when None
 
     def __init__(self, pipe, *, class_word: str, learning_rate: float | None = None):
         from diffusers import DDPMScheduler
@@ -121,18 +125,22 @@ class PersonalizationMethod(abc.ABC):
         self.class_word = class_word.strip()
         self.learning_rate = float(learning_rate if learning_rate is not None else self.default_learning_rate)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # add_noise / get_velocity
-        self.pipe = self.build_pipeline()
+        self.pipe = self.build_pipeline()  # frozen views of the base's modules; subclasses replace what they train
 
     # ------------------------------------------------------------------------------------------ building
     def build_pipeline(self, pipeline_class=None, **replace: Any):
-        """A pipeline of ``pipeline_class`` (StableDiffusionPipeline) on the base's components, some replaced."""
+        """A pipeline of ``pipeline_class`` (StableDiffusionPipeline) on the base's components, some replaced.
+
+        Modules not replaced are frozen views of the base's (:func:`copy_module`): same storage, no gradients.
+        """
         from diffusers import StableDiffusionPipeline
 
         base = self.base_pipe
-        parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-                     scheduler=type(base.scheduler).from_config(base.scheduler.config))  # fmt: skip
+        parts = dict(tokenizer=base.tokenizer, scheduler=type(base.scheduler).from_config(base.scheduler.config))
+        for part in ("vae", "text_encoder", "unet"):
+            parts[part] = replace.pop(part) if part in replace else copy_module(getattr(base, part))
         parts.update(replace)
-        pipe = (pipeline_class or StableDiffusionPipeline)(
+        pipe = (pipeline_class or self.pipeline_class or StableDiffusionPipeline)(
             **parts, safety_checker=None, feature_extractor=None, image_encoder=None, requires_safety_checker=False
         )
         pipe.set_progress_bar_config(disable=True)
