@@ -9,18 +9,29 @@ cross-attention layer (``attn2``) of the UNet:
   fused SDPA call and no attention map is ever materialized);
 * on ``attn2.to_v``: ``s · Δ_i`` is added to the value rows of the class-word tokens of those samples (eq. 7, 9).
 
-The hooks are removed when the call ends, so a ``StableDiffusionPipeline`` sharing the same UNet stays plain, LoRA
-(peft wraps ``to_q``/``to_v``; the hooks sit on the wrapper) and IP-Adapter processors keep working, and unloading
-other adapters cannot lose Infusion state. Self-attention (``attn1``) is never touched.
+The hooks read the active plan from one ``_HookState`` per UNet. On an eager UNet they are removed when the call ends,
+so a ``StableDiffusionPipeline`` sharing the same UNet stays plain, LoRA (peft wraps ``to_q``/``to_v``; the hooks sit
+on the wrapper) and IP-Adapter processors keep working, and unloading other adapters cannot lose Infusion state.
+Self-attention (``attn1``) is never touched.
+
+On a compiled UNet (``torch.compile(unet)``, ``unet.compile()`` or compiled blocks) the hooks stay installed, idle
+(plan ``None``: they change nothing) between Infusion calls. Dynamo does not guard on module hooks
+(``torch._dynamo.config.skip_nnmodule_hook_guards`` is True by default): hooks added or removed after a trace are
+silently ignored or kept by the compiled code. Hooks that are always there and branch on the plan make every trace
+contain them; changing concepts, strengths or token positions then only changes tensors the hooks read, which
+recompiles nothing (docs/performance.md). A call whose hooks never ran (a UNet traced before Infusion installed its
+hooks, or a processor that bypasses ``to_q``/``to_v``) stops with an error instead of returning base images.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.models.attention_processor import Attention
+from torch.utils.hooks import RemovableHandle
 
 from .residuals import InfusionPlan
 
@@ -54,12 +65,61 @@ def _half_offset(plan: InfusionPlan, n_rows: int) -> int:
     )
 
 
-def _query_hook(plan: InfusionPlan, layer: str):
-    def hook(module: torch.nn.Module, args: tuple, query: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _LayerSlot:
+    """The active plan's tensors for one layer, read by that layer's hooks.
+
+    Per-layer data lives in tensors reached through this slot, never in constants of the hook (such as the layer's
+    name), so that dynamo compiles one graph for all blocks of the same shape (regional compilation).
+    """
+
+    residuals: torch.Tensor | None = None  # (entries, value_dim), or None: no residual in this layer
+    captured_query: torch.Tensor | None = None  # (rows, pixels, inner_dim): F's query from an earlier UNet call
+
+
+@dataclass
+class _HookState:
+    """What the Infusion hooks of one UNet read: the active plan (``None``: idle, the hooks change nothing)."""
+
+    plan: InfusionPlan | None = None
+    fired: bool = False  # set by the hooks when they act on a plan (a constant store: no dynamo guard on it)
+    depth: int = 0  # open ``infusion_hooks`` blocks
+    layers: dict[str, _LayerSlot] = field(default_factory=dict)
+    handles: dict[tuple[str, str], tuple[torch.nn.Module, RemovableHandle]] = field(default_factory=dict)
+
+    def activate(self, plan: InfusionPlan | None) -> None:
+        """Point the hooks at ``plan`` (``None``: idle)."""
+        self.plan = plan
+        for name, slot in self.layers.items():
+            slot.residuals = None if plan is None else plan.value_residuals.get(name)
+            captured = None if plan is None else plan.captured_queries
+            slot.captured_query = None if captured is None else captured[name]
+
+
+def _hook_state(unet: torch.nn.Module) -> _HookState:
+    unet = getattr(unet, "_orig_mod", unet)
+    if "_infusion_hook_state" not in unet.__dict__:
+        unet.__dict__["_infusion_hook_state"] = _HookState()
+    return unet.__dict__["_infusion_hook_state"]
+
+
+def is_compiled(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` (or any of its blocks) runs through ``torch.compile``."""
+    if hasattr(unet, "_orig_mod"):
+        return True
+    return any(getattr(module, "_compiled_call_impl", None) is not None for module in unet.modules())
+
+
+def _query_hook(state: _HookState, slot: _LayerSlot):
+    def hook(module: torch.nn.Module, args: tuple, query: torch.Tensor) -> torch.Tensor | None:
         # query: (rows, pixels, inner_dim); C rows take the F rows' queries, i.e. the F stream's attention maps.
+        plan = state.plan
+        if plan is None or not plan.replace_queries:
+            return None
+        state.fired = True
         offset = _half_offset(plan, query.shape[0])
-        if plan.captured_queries is not None:  # F ran in an earlier call (training without gradient through F)
-            source = plan.captured_queries[layer].index_select(0, plan.f_rows).to(query.dtype)
+        if slot.captured_query is not None:  # F ran in an earlier call (training without gradient through F)
+            source = slot.captured_query.index_select(0, plan.f_rows).to(query.dtype)
         else:
             source = query.index_select(0, plan.f_rows + offset)
         return query.index_copy_(0, plan.c_rows + offset, source)
@@ -67,10 +127,13 @@ def _query_hook(plan: InfusionPlan, layer: str):
     return hook
 
 
-def _value_hook(plan: InfusionPlan, layer: str):
-    def hook(module: torch.nn.Module, args: tuple, value: torch.Tensor) -> torch.Tensor:
+def _value_hook(state: _HookState, slot: _LayerSlot):
+    def hook(module: torch.nn.Module, args: tuple, value: torch.Tensor) -> torch.Tensor | None:
         # value: (rows, tokens, value_dim); residuals land on (row, token) pairs of C rows only.
-        residuals = plan.value_residuals[layer]  # (entries, value_dim)
+        plan, residuals = state.plan, slot.residuals  # residuals: (entries, value_dim)
+        if plan is None or residuals is None:
+            return None
+        state.fired = True
         if residuals.numel() == 0:
             return value
         offset = _half_offset(plan, value.shape[0])
@@ -80,26 +143,77 @@ def _value_hook(plan: InfusionPlan, layer: str):
     return hook
 
 
+def _check_unfused(layers: dict[str, Attention]) -> None:
+    for name, attn in layers.items():
+        if getattr(attn, "fused_projections", False) and "Fused" in type(attn.processor).__name__:
+            raise RuntimeError(
+                f"Layer '{name}' has fused QKV projections, which Infusion cannot hook. "
+                "Call `pipe.unfuse_qkv_projections()` before using Infusion concepts."
+            )
+
+
+def _seat_hooks(state: _HookState, layers: dict[str, Attention]) -> None:
+    """Put the hooks on the current ``to_q``/``to_v`` of every layer (moving them if peft replaced a module)."""
+    for name, attn in layers.items():
+        slot = state.layers.setdefault(name, _LayerSlot())
+        for kind, module, make in (("to_q", attn.to_q, _query_hook), ("to_v", attn.to_v, _value_hook)):
+            seated = state.handles.get((name, kind))
+            if seated is not None and seated[0] is module:
+                continue
+            if seated is not None:
+                seated[1].remove()
+            state.handles[(name, kind)] = (module, module.register_forward_hook(make(state, slot)))
+
+
+def _remove_hooks(state: _HookState) -> None:
+    for _, handle in state.handles.values():
+        handle.remove()
+    state.handles.clear()
+
+
+def keep_hooks_if_compiled(unet: torch.nn.Module | None) -> None:
+    """On a compiled UNet, install the idle hooks now, so that its first trace already contains them."""
+    if isinstance(unet, torch.nn.Module) and is_compiled(unet):
+        _seat_hooks(_hook_state(unet), cross_attention_layers(unet))
+
+
 @contextlib.contextmanager
-def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan) -> Iterator[None]:
-    """Activate ``plan`` on ``unet`` for the duration of the ``with`` block (hooks are always removed)."""
-    layers = cross_attention_layers(unet)
-    handles = []
-    try:
-        for name, attn in layers.items():
-            if getattr(attn, "fused_projections", False) and "Fused" in type(attn.processor).__name__:
-                raise RuntimeError(
-                    f"Layer '{name}' has fused QKV projections, which Infusion cannot hook. "
-                    "Call `pipe.unfuse_qkv_projections()` before using Infusion concepts."
-                )
-            if plan.replace_queries:
-                handles.append(attn.to_q.register_forward_hook(_query_hook(plan, name)))
-            if name in plan.value_residuals:
-                handles.append(attn.to_v.register_forward_hook(_value_hook(plan, name)))
+def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan | None) -> Iterator[None]:
+    """Activate ``plan`` on ``unet`` for the duration of the ``with`` block.
+
+    On an eager UNet the hooks are installed for the block and always removed; ``plan=None`` then does nothing. On a
+    compiled UNet they stay installed and idle after the block (``plan=None`` only makes sure they are there).
+
+    Raises:
+        RuntimeError: Fused QKV projections; or the block ran the UNet with ``plan`` but no hook ever acted.
+    """
+    compiled = is_compiled(unet)
+    if plan is None and not compiled:
         yield
+        return
+    layers = cross_attention_layers(unet)
+    if plan is not None:
+        _check_unfused(layers)
+    state = _hook_state(unet)
+    previous, state.fired = state.plan, False
+    state.depth += 1
+    try:
+        _seat_hooks(state, layers)
+        state.activate(plan)
+        yield
+        if plan is not None and not state.fired:
+            raise RuntimeError(
+                "The Infusion hooks on attn2.to_q/attn2.to_v never ran during this call, so the C stream would be "
+                "the base model. Either the attention processors do not call `attn.to_q`/`attn.to_v`, or the UNet "
+                "was compiled and traced before Infusion installed its hooks (dynamo ignores hooks added after a "
+                "trace). Fix: call `torch.compiler.reset()` and run the Infusion pipeline again, or assign the "
+                "compiled UNet to the Infusion pipeline (`pipe.unet = torch.compile(pipe.unet)`) before running it."
+            )
     finally:
-        for handle in handles:
-            handle.remove()
+        state.activate(previous)
+        state.depth -= 1
+        if state.depth == 0 and not compiled:
+            _remove_hooks(state)
 
 
 @contextlib.contextmanager

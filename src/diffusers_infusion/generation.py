@@ -19,7 +19,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import infusion_hooks
+from .attention import infusion_hooks, keep_hooks_if_compiled
 from .errors import InfusionCallError
 from .loaders import InfusionLoaderMixin
 from .residuals import ResidualEntry, build_plan
@@ -53,6 +53,17 @@ def _clone_generator(generator: torch.Generator) -> torch.Generator:
 
 class InfusionGenerationMixin(InfusionLoaderMixin):
     """Infusion's call logic; a pipeline supplies its text encoding and its plain ``__call__``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Sets attributes as diffusers does; a compiled ``unet`` gets its idle Infusion hooks before any trace."""
+        super().__setattr__(name, value)
+        if name == "unet":
+            keep_hooks_if_compiled(value)
+
+    def _plain_call(self, call: Callable[..., Any], *args, **kwargs):
+        """The plain pipeline's ``call`` (no C row anywhere); a compiled UNet keeps its idle hooks through it."""
+        with infusion_hooks(self.unet, None):
+            return call(self, *args, **kwargs)
 
     def _per_prompt(self, value: Any, n_prompts: int, *, argument: str) -> list:
         """Broadcast a dict (or None) to every prompt, or check a per-prompt list has one entry per prompt."""

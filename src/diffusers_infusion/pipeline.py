@@ -86,10 +86,11 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
 
         # 2. No C row anywhere: exactly the plain pipeline.
         if not any(any(placements) for placements in groups):
-            output = StableDiffusionPipeline.__call__(
-                self, prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
-                generator=generator, latents=latents, prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip, **shared,
+            output = self._plain_call(
+                StableDiffusionPipeline.__call__, prompt, negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images_per_prompt, generator=generator, latents=latents,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+                **shared,
             )  # fmt: skip
             return self._plain_output(output, len(groups), return_base_images, return_dict)
 

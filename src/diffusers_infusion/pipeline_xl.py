@@ -118,7 +118,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
             clip_skip=clip_skip,
         )  # fmt: skip
         if not any(any(placements) for placements in groups):
-            output = StableDiffusionXLPipeline.__call__(self, prompt, **plain, **shared)
+            output = self._plain_call(StableDiffusionXLPipeline.__call__, prompt, **plain, **shared)
             output.nsfw_content_detected = None
             return self._plain_output(output, len(groups), return_base_images, return_dict)
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -35,7 +36,8 @@ def _hooks_through_backward(unet: torch.nn.Module, plan) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _remove_stale_hooks(unet)
+        unet.__dict__.pop("_infusion_pending_hooks", None)
+        stack.__exit__(*sys.exc_info())  # the hooks see the error: no check that they ran
         raise
     torch.autograd.graph.register_multi_grad_hook(residuals, lambda grads: _remove_stale_hooks(unet), mode="all")
 
