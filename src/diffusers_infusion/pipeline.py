@@ -49,7 +49,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
         infusion_variants: Sequence[Mapping[str, float]] | None = None,
         infusion_mode: str = "exact",
         **kwargs,
-    ):
+    ) -> InfusionPipelineOutput | tuple:
         """Generate images with the active Infusion concepts; every ``StableDiffusionPipeline`` argument works.
 
         Args:

@@ -12,6 +12,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
 
@@ -51,7 +52,7 @@ class _MapAttnProcessor:
 
 @torch.no_grad()
 def naive_infusion_latents(
-    pipe,
+    pipe: DiffusionPipeline,
     prompt: str,
     concepts: Sequence[tuple[dict[str, torch.Tensor], float, Sequence[int]]],
     *,

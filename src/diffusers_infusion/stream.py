@@ -61,7 +61,7 @@ def dual_stream_noise_pred(
     *,
     replace_queries: bool = True,
     batched: bool = True,
-    **unet_kwargs,
+    **unet_kwargs: object,
 ) -> torch.Tensor:
     """The customized model's noise prediction ``ε_θ'`` for each sample (eq. 8).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..attention import cross_attention_layers, value_size
 from ..concept import InfusionConcept
@@ -44,7 +45,7 @@ class InfusionResiduals(torch.nn.Module):
 
 def infusion_training_loss(
     unet: torch.nn.Module,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     residuals: dict[str, torch.Tensor],
     latents: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
