@@ -7,8 +7,8 @@
 2. Renders prompts that put the cat on other backgrounds, at other positions and next to other objects, plus one
    prompt without the class word, each with the same seed for the base model and the concept (one call each).
 3. Writes the grid (rows: prompts; columns: base model, with the concept) and prints the toy reader's scores:
-   concept similarity (how much the cat looks like the photos) and text alignment (does the image show the
-   prompt's background, and a cat).
+   concept similarity (how much the cat looks like the photos) and text alignment (does the image show what the
+   prompt names: background, objects, position; ``diffusers_infusion.metrics.toy_text_alignment``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from diffusers_infusion import InfusionPipeline
-from diffusers_infusion.toy import BACKGROUNDS, TOY_MODEL_DIR, concept_similarity, load_toy_pipeline, read_images
+from diffusers_infusion.metrics import toy_text_alignment
+from diffusers_infusion.toy import TOY_MODEL_DIR, concept_similarity, load_toy_pipeline, read_images
 
 logger = logging.getLogger("demo")
 HERE = Path(__file__).resolve().parent
@@ -50,14 +51,6 @@ def train_concept(output_dir: Path, *, steps: int, seed: int) -> None:
         "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--checkpointing_steps", str(steps),
         "--seed", str(seed), "--report_to", "none",
     ])  # fmt: skip
-
-
-def text_alignment(prompt: str, reading) -> float:
-    """1.0 when the reader sees the prompt's background (if it names one) and, if it names a cat, a cat."""
-    wanted = [b for b in BACKGROUNDS if b in prompt]
-    ok_background = not wanted or reading.background == wanted[0]
-    ok_cat = "cat" not in prompt.split() or any(o.cls == "cat" for o in reading.objects)
-    return float(ok_background and ok_cat)
 
 
 def save_grid(rows: list[tuple[str, object, object]], path: Path) -> None:
@@ -115,9 +108,9 @@ def main() -> None:
         similarity = concept_similarity(
             [images[i] for i in with_cat], "my_cat", readings=[readings[i] for i in with_cat]
         )
-        alignment = [text_alignment(p, r) for p, r in zip(PROMPTS, readings)]
+        alignment = toy_text_alignment(images, PROMPTS, readings=readings)
         logger.info("%-12s concept similarity %.2f   text alignment %.2f", name, sum(similarity) / len(similarity),
-                    sum(alignment) / len(alignment))  # fmt: skip
+                    alignment)  # fmt: skip
     untouched = bool(
         (torch.tensor(list(out.images[-1].getdata())) == torch.tensor(list(out.base_images[-1].getdata()))).all()
     )

@@ -1,0 +1,357 @@
+"""Overfitting of personalization methods on the toy world: the paper's Figs. 9-11 and Table 1, measured.
+
+    python benchmarks/overfitting.py                  # 4 concepts x 7 methods x (100, 200, 400, 1000, 2000) steps
+    python benchmarks/overfitting.py --quick          # my_cat, 100 and 200 steps, fewer samples (minutes)
+    python benchmarks/overfitting.py --report-only    # tables, plots and grids from the results already written
+
+Every method trains on the same concept photos (``examples/toy_world/concepts/<name>``: one background, one
+position), from the same toy model, with the same batch (4), seeds and step budget, through one loop
+(:func:`diffusers_infusion.baselines.train_method`), and is measured after each step count in ``--steps``:
+
+- **Wasserstein** (concept-specific overfitting, Fig. 9): Fréchet distance between Gaussians fitted to the VAE latents
+  of the base model's and the method's images under super-class prompts ("a photo of a cat", the method's concept
+  prompt for the customized model), same seeds.
+- **Fisher** (concept-agnostic overfitting, Fig. 10): latent Fisher divergence (eq. 4) on rendered toy scenes whose
+  captions do not name the class word.
+- **Text alignment**: the attribute reader's share of images showing what the prompt names, on prompts that put the
+  concept in backgrounds, positions and company its photos never showed.
+- **Concept similarity**: how much the object looks like the concept's photos (toy analogue of CLIP-I / DINO).
+- **Storage**: bytes of what the method saves for the concept.
+
+The prompts below were fixed before any result was seen and are not tuned afterwards. Results are appended to
+``<output-dir>/results.jsonl`` after every measurement (a rerun skips what is there), then summarized into
+``<output-dir>/overfitting.md`` (mean ± std over concepts), ``overfitting.png`` (curves) and one image grid per
+concept (``grid_<concept>.png``: rows = methods, columns = steps, same prompt and seed: Fig. 11).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = (100, 200, 400, 1000, 2000)
+METHOD_ORDER = (
+    "base",
+    "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion", "perfusion", "infusion_own_queries",
+    "infusion",
+)  # fmt: skip
+logger = logging.getLogger("overfitting")
+
+
+def superclass_prompts(class_word: str) -> list[str]:
+    """Prompts naming only the class word (Wasserstein metric, Fig. 9)."""
+    return [f"a photo of a {class_word}", f"a {class_word}", f"a picture of a {class_word}"]
+
+
+def scene_prompts(concept) -> list[str]:
+    """Prompts that put the concept where its photos never were: other backgrounds, positions, company."""
+    from diffusers_infusion.toy.world import BACKGROUND_PHRASES, CLASSES, POSITION_PHRASES
+
+    w = concept.class_word
+    others = [b for b in BACKGROUND_PHRASES if b != concept.background]
+    sides = [p for p in ("left", "right") if p != concept.position]
+    company = [c for c in CLASSES if c != w]
+    prompts = [f"a photo of a {w} {BACKGROUND_PHRASES[b]}" for b in others]  # 4
+    prompts += [f"a {w} {POSITION_PHRASES[s]} {BACKGROUND_PHRASES[others[i]]}" for i, s in enumerate(sides)]  # 1-2
+    prompts += [f"a {w} and a {company[0]} {BACKGROUND_PHRASES[others[-1]]}"]
+    prompts += [f"a {company[1]} and a {w} {BACKGROUND_PHRASES[others[-2]]}"]
+    return prompts
+
+
+def fisher_set(class_word: str, n: int) -> tuple[list, list[str]]:
+    """``n`` rendered toy scenes (fixed seeds) whose captions do not name ``class_word``, with their captions."""
+    import random
+
+    from diffusers_infusion.toy.world import caption, render, sample_scene
+
+    images, captions, seed = [], [], 5_000_000
+    while len(images) < n:
+        scene = sample_scene(seed)
+        seed += 1
+        if any(o.cls == class_word for o in scene.objects):
+            continue
+        images.append(render(scene))
+        captions.append(caption(scene, rng=random.Random(seed)))
+    return images, captions
+
+
+class Evaluator:
+    """Everything measured at one checkpoint; base-model references computed once per concept."""
+
+    def __init__(self, base, concept, args):
+        from diffusers_infusion.metrics import encode_images
+
+        self.base, self.concept, self.args = base, concept, args
+        self.super_prompts = [p for p in superclass_prompts(concept.class_word) for _ in range(args.super_images)]
+        self.scene_prompts = [p for p in scene_prompts(concept) for _ in range(args.scene_images)]
+        self.fisher_images, self.fisher_captions = fisher_set(concept.class_word, args.fisher_images)
+        self.kwargs = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
+        self.base_latents = self.features(encode_images(base.vae, self._base_images(self.super_prompts, seed=0)))
+        self.base_scene = self._base_images(self.scene_prompts, seed=10_000)
+
+    def features(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, h, w) average-pooled ``--pool`` times (layout-level features; fewer dims for small N)."""
+        return torch.nn.functional.avg_pool2d(latents, self.args.pool) if self.args.pool > 1 else latents
+
+    def reference_row(self) -> dict:
+        """The base model against itself with other seeds: the metrics' floor at this sample size."""
+        from diffusers_infusion.metrics import (
+            encode_images,
+            toy_concept_similarity,
+            toy_text_alignment,
+            wasserstein_metric,
+        )
+
+        reseeded = self._base_images(self.super_prompts, seed=50_000)
+        return {
+            "wasserstein": wasserstein_metric(
+                self.base_latents, self.features(encode_images(self.base.vae, reseeded))
+            ),
+            "fisher": 0.0,
+            "text_alignment": toy_text_alignment(self.base_scene, self.scene_prompts),
+            "concept_similarity": float(np.mean(toy_concept_similarity(self.base_scene, self.concept))),
+            "storage_bytes": 0,
+        }
+
+    @torch.no_grad()
+    def _base_images(self, prompts: list[str], *, seed: int) -> list:
+        images = []
+        for i in range(0, len(prompts), 16):
+            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i : i + 16]))]
+            images += self.base(prompts[i : i + 16], generator=gens, **self.kwargs).images
+        return images
+
+    def __call__(self, method, step: int) -> tuple[dict, list]:
+        from diffusers_infusion.metrics import (
+            encode_images,
+            latent_fisher_divergence,
+            toy_concept_similarity,
+            toy_text_alignment,
+            wasserstein_metric,
+        )
+
+        t0 = time.time()
+        super_images = method.generate(self.super_prompts, seed=0, **self.kwargs)
+        scene_images = method.generate(self.scene_prompts, seed=10_000, **self.kwargs)
+        row = {
+            "wasserstein": wasserstein_metric(
+                self.base_latents, self.features(encode_images(self.base.vae, super_images))
+            ),
+            "fisher": latent_fisher_divergence(
+                self.base,
+                method.noise_prediction,
+                self.fisher_images,
+                self.fisher_captions,
+                num_samples_per_image=self.args.fisher_draws,
+                progress=False,
+            ),  # fmt: skip
+            "text_alignment": toy_text_alignment(scene_images, self.scene_prompts),
+            "concept_similarity": float(np.mean(toy_concept_similarity(scene_images, self.concept))),
+            "storage_bytes": method.storage_bytes(),
+            "eval_s": round(time.time() - t0, 1),
+        }
+        return row, scene_images[:: self.args.scene_images][:2]
+
+
+def train_and_measure(method, data, evaluator: Evaluator, *, results: Path, concept: str, args) -> None:
+    """Train ``method`` to the last step count, measuring after each one; rows appended to ``results``."""
+    from diffusers_infusion.baselines import train_method
+
+    clock = {"train_s": 0.0, "last": time.time()}
+
+    def measure(step: int, method) -> None:
+        clock["train_s"] += time.time() - clock["last"]
+        row, cells = evaluator(method, step)
+        row = {"concept": concept, "method": method.name, "step": step, "train_s": round(clock["train_s"], 1), **row}
+        for i, image in enumerate(cells):
+            image.save(results.parent / "cells" / f"{concept}_{method.name}_{step}_{i}.png")
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        logger.info("%s", row)
+        clock["last"] = time.time()
+
+    train_method(method, data, steps=max(args.steps), batch_size=4, seed=args.seed, snapshot_at=args.steps,
+                 callback=measure)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> None:
+    from diffusers_infusion.baselines import METHODS
+    from diffusers_infusion.toy import CONCEPTS, load_toy_pipeline
+    from diffusers_infusion.toy.concepts import CONCEPTS_DIR
+    from diffusers_infusion.training.data import load_instance_data
+
+    out = args.output_dir
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {(r["concept"], r["method"]) for r in _read(results) if r["step"] == max(args.steps)}
+    unknown = [c for c in args.concepts if c not in CONCEPTS]
+    if unknown:
+        raise SystemExit(f"--concepts {' '.join(unknown)}: no such toy concept. Choose from {', '.join(CONCEPTS)}.")
+    for name in args.concepts:
+        concept = CONCEPTS[name]
+        todo = [m for m in args.methods if (name, m) not in done]
+        if not todo:
+            continue
+        base = load_toy_pipeline()
+        evaluator = Evaluator(base, concept, args)
+        data = load_instance_data(CONCEPTS_DIR / name, concept.class_word, resolution=64)
+        if (name, "base") not in done:
+            _drop(results, name, "base")
+            reference = evaluator.reference_row()
+            with results.open("a") as f:
+                for step in args.steps:
+                    f.write(json.dumps({"concept": name, "method": "base", "step": step, **reference}) + "\n")
+        for method_name in todo:
+            _drop(results, name, method_name)  # a run cut short starts over: no mixed rows
+            cls = METHODS[method_name]
+            options = {"identifier": "my"} if method_name in ("dreambooth", "dreambooth_lora") else {}
+            torch.manual_seed(args.seed)  # initial weights drawn at construction (e.g. LoRA's)
+            method = cls(base, class_word=concept.class_word, learning_rate=cls.toy_learning_rate, **options)
+            train_and_measure(method, data, evaluator, results=results, concept=name, args=args)
+        shown = evaluator.scene_prompts[:: args.scene_images][:2]
+        for i in range(len(shown)):
+            evaluator.base_scene[i * args.scene_images].save(out / "cells" / f"{name}_base_0_{i}.png")
+        (out / "cells" / f"{name}_prompts.json").write_text(json.dumps(shown))
+
+
+def _drop(path: Path, concept: str, method: str) -> None:
+    keep = [r for r in _read(path) if (r["concept"], r["method"]) != (concept, method)]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def report(args: argparse.Namespace) -> None:
+    """Markdown tables, curves and grids from ``results.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    out = args.output_dir
+    rows = _read(out / "results.jsonl")
+    if not rows:
+        raise SystemExit(f"{out / 'results.jsonl'} has no results yet. Run without --report-only first.")
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
+    steps = sorted({r["step"] for r in rows})
+    concepts = sorted({r["concept"] for r in rows})
+    metrics = ("wasserstein", "fisher", "text_alignment", "concept_similarity")
+
+    def stat(method: str, step: int, key: str) -> tuple[float, float, int]:
+        vals = [r[key] for r in rows if r["method"] == method and r["step"] == step]
+        return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else (float("nan"), 0.0, 0)
+
+    lines = [f"Concepts: {', '.join(concepts)}; mean ± std over concepts.", ""]
+    last = steps[-1]
+    lines += [f"### At {last} steps (Table 1's analogue)", "",
+              "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage |",
+              "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+    for m in methods:
+        cells = [f"{stat(m, last, k)[0]:.3f} ± {stat(m, last, k)[1]:.3f}" for k in metrics[2:] + metrics[:2]]
+        size = stat(m, last, "storage_bytes")[0]
+        lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} |")
+    for key in metrics:
+        lines += ["", f"### {key.replace('_', ' ')} by training steps", "",
+                  "| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "--:|" * len(steps)]  # fmt: skip
+        for m in methods:
+            lines.append(f"| {m} | " + " | ".join(f"{stat(m, s, key)[0]:.3f}" for s in steps) + " |")
+    (out / "overfitting.md").write_text("\n".join(lines) + "\n")
+
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, key in zip(axes, metrics):
+        for m in methods:
+            mean = np.array([stat(m, s, key)[0] for s in steps])
+            std = np.array([stat(m, s, key)[1] for s in steps])
+            style = dict(lw=2.5, color="black") if m == "infusion" else dict(lw=1.2)
+            ax.plot(steps, mean, marker="o", ms=3, label=m, **style)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.12, color=ax.lines[-1].get_color())
+        ax.set_xscale("log")
+        ax.set_xlabel("training steps")
+        ax.set_title(key.replace("_", " "))
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "overfitting.png", dpi=110)
+    plt.close(fig)
+
+    for concept in concepts:
+        cells = out / "cells"
+        base = [cells / f"{concept}_base_0_{i}.png" for i in range(2)]
+        trained = [m for m in methods if m != "base"]
+        grid = Image.new("RGB", (66 * (2 * len(steps) + 2) + 150, 66 * (len(trained) + 1)), "white")
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(grid)
+        for i, p in enumerate(base):
+            if p.exists():
+                grid.paste(Image.open(p), (150 + 66 * i, 0))
+        draw.text((4, 26), "base model", fill="black")
+        for r, m in enumerate(trained, start=1):
+            draw.text((4, 66 * r + 26), m, fill="black")
+            for c, s in enumerate(steps):
+                for i in range(2):
+                    p = cells / f"{concept}_{m}_{s}_{i}.png"
+                    if p.exists():
+                        grid.paste(Image.open(p), (150 + 66 * (2 + 2 * c + i), 66 * r))
+        for c, s in enumerate(steps):
+            draw.text((150 + 66 * (2 + 2 * c) + 40, 2), f"{s} steps", fill="black")
+        grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out / f"grid_{concept}.png")
+    print((out / "overfitting.md").read_text())
+
+
+def _bytes(n: float) -> str:
+    if n != n:
+        return "-"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concepts", nargs="+", default=["my_cat", "my_dog", "my_teddy", "my_cup"])
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER[1:]), choices=METHOD_ORDER[1:])
+    parser.add_argument("--steps", nargs="+", type=int, default=list(STEPS))
+    parser.add_argument("--super-images", type=int, default=16, help="images per super-class prompt")
+    parser.add_argument("--scene-images", type=int, default=3, help="images per new-scene prompt")
+    parser.add_argument("--fisher-images", type=int, default=48)
+    parser.add_argument("--fisher-draws", type=int, default=2, help="(t, noise) draws per Fisher image")
+    parser.add_argument("--pool", type=int, default=4, help="average-pool latents before the Wasserstein metric")
+    parser.add_argument("--inference-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "overfitting")
+    parser.add_argument("--quick", action="store_true", help="my_cat, 100 and 200 steps, fewer samples")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:  # flags given explicitly win
+        args.concepts = args.concepts[:1]
+        args.steps = [100, 200] if args.steps == list(STEPS) else args.steps
+        args.super_images, args.scene_images, args.fisher_images, args.fisher_draws = 4, 1, 8, 1
+        args.inference_steps = 10
+    args.steps = sorted(set(args.steps))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if not args.report_only:
+        run(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""benchmarks/overfitting.py in --quick mode, shortened further: every row written, the report made, Infusion's
+concept-agnostic overfitting exactly zero."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def overfitting():
+    spec = importlib.util.spec_from_file_location("overfitting", ROOT / "benchmarks" / "overfitting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path):
+    args = [
+        "--quick",
+        "--methods",
+        "infusion",
+        "textual_inversion",
+        "--steps",
+        "2",
+        "4",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    overfitting.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {(r["method"], r["step"]) for r in rows} == {
+        (m, s) for m in ("base", "infusion", "textual_inversion") for s in (2, 4)
+    }
+    infusion = [r for r in rows if r["method"] == "infusion"]
+    assert all(r["fisher"] == 0.0 for r in infusion)  # METHOD.md property 4: captions without the class word
+    # Textual Inversion changes only its new token's embedding: captions without it are untouched too.
+    assert all(r["fisher"] == 0.0 for r in rows if r["method"] == "textual_inversion")
+    assert any(r["wasserstein"] > 0.0 for r in rows if r["method"] != "base")
+    assert all(0.0 <= r["text_alignment"] <= 1.0 and r["wasserstein"] >= 0.0 for r in rows)
+    assert infusion[0]["storage_bytes"] > 0
+    for name in ("overfitting.md", "overfitting.png", "grid_my_cat.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| infusion |" in (tmp_path / "overfitting.md").read_text()
+
+    overfitting.main(args)  # a rerun skips what is done
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
