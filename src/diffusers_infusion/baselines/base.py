@@ -17,12 +17,15 @@ import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import PIL.Image
 import torch
 
 from ..training.data import InstanceData
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +117,7 @@ class PersonalizationMethod(abc.ABC):
     toy_learning_rate: ClassVar[float]
     pipeline_class: ClassVar[type | None] = None  # StableDiffusionPipeline when None
 
-    def __init__(self, pipe, *, class_word: str, learning_rate: float | None = None):
+    def __init__(self, pipe: StableDiffusionPipeline, *, class_word: str, learning_rate: float | None = None):
         from diffusers import DDPMScheduler
 
         if not isinstance(class_word, str) or not class_word.strip():

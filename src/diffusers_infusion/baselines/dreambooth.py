@@ -5,7 +5,8 @@ model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``), in fp1
 SD 1.5; the paper's table counts a full fp32 checkpoint).
 
 Learning rates: 5e-6 on Stable Diffusion (``default_learning_rate``, the paper's setting); 2e-5 on the toy model
-(``toy_learning_rate``: the photos' loss falls visibly within a few hundred steps).
+(``toy_learning_rate``): the photos' evaluation loss falls from 0.066 to 0.036 by 400 steps and 0.026 by 1,000
+(1e-4 memorizes: 0.011); see docs/baselines.md.
 """
 
 from __future__ import annotations

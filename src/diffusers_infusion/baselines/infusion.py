@@ -7,7 +7,8 @@ carries the concept. Storage: the concept file (``infusion_concept.safetensors``
 50 KB on SD 1.5).
 
 Learning rates: 1e-2 on Stable Diffusion (``default_learning_rate``, the paper's); 1e-2 on the toy model too
-(``toy_learning_rate``).
+(``toy_learning_rate``): the photos' evaluation loss falls from 0.066 to 0.060 by 400 steps and 0.057 by 1,000
+(1e-1 goes lower but breaks the images); see docs/baselines.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ of the base UNet (sharing the frozen weights); saved and loaded with diffusers' 
 fp32; 3.2 MB on SD 1.5 at rank 4).
 
 Learning rates: 1e-4 on Stable Diffusion (``default_learning_rate``, diffusers' default); 1e-3 on the toy model
-(``toy_learning_rate``).
+(``toy_learning_rate``): the photos' evaluation loss falls from 0.066 to 0.045 by 400 steps and 0.041 by 1,000
+(1e-4: 0.049 by 1,000); see docs/baselines.md.
 """
 
 from __future__ import annotations
