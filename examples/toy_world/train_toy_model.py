@@ -145,15 +145,74 @@ def encode_latents(vae, images: torch.Tensor, path: Path, batch: int = 256) -> t
     return latents
 
 
+class MapRecorder:
+    """Cross-attention processor of toy training: the softmax maps are computed explicitly and kept for the loss."""
+
+    def __init__(self, store: list):
+        self.store = store
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        b, n, _ = hidden_states.shape  # (B, N, C): attn2 of a BasicTransformerBlock, no mask, no residual
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (B*h, N, d)
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))  # (B*h, T, d)
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)  # (B*h, N, T)
+        self.store.append(probs.view(b, attn.heads, n, -1).mean(1))  # (B, N, T), head mean
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, v))))
+
+
+def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """-log of the share of each object word's cross-attention that falls on its object, mean over layers and words.
+
+    Args:
+        maps: Per cross-attention layer, (B, N, T) head-averaged softmax maps, N = s*s.
+        masks: (B, 1, 64, 64) object masks.
+        words: (B, T) 1.0 on the tokens that name the object (class and color word), else 0.
+    """
+    losses = []
+    for m in maps:
+        side = int(math.isqrt(m.shape[1]))
+        inside = F.adaptive_avg_pool2d(masks.float(), side).flatten(1)  # (B, N) share of object pixels per cell
+        share = torch.einsum("bnt,bn->bt", m, inside) / m.sum(1).clamp_min(1e-8)  # (B, T)
+        losses.append(-(words * share.clamp_min(1e-6).log()).sum() / words.sum().clamp_min(1.0))
+    return torch.stack(losses).mean()
+
+
+def object_words(scenes: list, texts: list[str], ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B, T) mask of the tokens naming the one object of single-object scenes (two-object scenes: none)."""
+    words = torch.zeros(ids.shape)
+    for b, (scene, text) in enumerate(zip(scenes, texts)):
+        if len(scene.objects) != 1 or not text:
+            continue
+        obj = scene.objects[0]
+        for word in (obj.cls, obj.color):
+            words[b] += (ids[b] == tokenizer.convert_tokens_to_ids(word + "</w>")).float()
+    return words
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1.0 - decay)
 
 
-def train_unet(accelerator: Accelerator, comps: dict, latents: torch.Tensor, scenes: list, args, ckpt: Path):
-    """Stage 4: denoising loss on cached latents, UNet and text encoder together; returns the EMA copies."""
+def train_unet(
+    accelerator: Accelerator, comps: dict, latents: torch.Tensor, scenes: list, masks: torch.Tensor, args, ckpt: Path
+):
+    """Stage 4: denoising loss on cached latents, UNet and text encoder together; returns the EMA copies.
+
+    With ``--localize`` > 0, a second term pulls each object word's cross-attention onto its object (the object
+    masks of single-object scenes), so that, as in Stable Diffusion, a word's attention map shows where its
+    thing is: the property prompt-to-prompt editing and Infusion's value residuals rely on.
+    """
     unet, text_encoder = comps["unet"], comps["text_encoder"]
+    maps: list[torch.Tensor] = []
+    if args.localize > 0:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(
+            {name: MapRecorder(maps) if ".attn2." in name else AttnProcessor2_0() for name in unet.attn_processors}
+        )
     tokenizer, scheduler = comps["tokenizer"], comps["scheduler"]
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -189,8 +248,16 @@ def train_unet(accelerator: Accelerator, comps: dict, latents: torch.Tensor, sce
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         hidden = text_encoder(ids)[0]  # (B, T, 64)
+        maps.clear()
         pred = unet(zt, t, hidden).sample  # (B, 8, 16, 16)
-        loss = F.mse_loss(pred, noise)
+        if scheduler.config.prediction_type == "v_prediction":
+            target = a.sqrt() * noise - (1 - a).sqrt() * z0
+        else:
+            target = noise
+        loss = denoise = F.mse_loss(pred, target)
+        if args.localize > 0:
+            words = object_words([scenes[i] for i in idx.tolist()], texts, ids.cpu(), tokenizer).to(z0.device)
+            loss = loss + args.localize * localization_loss(maps, masks[idx].to(z0.device), words)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -198,7 +265,7 @@ def train_unet(accelerator: Accelerator, comps: dict, latents: torch.Tensor, sce
         decay = min(args.ema, (1 + step) / (10 + step))
         ema_update(ema_unet, accelerator.unwrap_model(unet), decay)
         ema_update(ema_text, accelerator.unwrap_model(text_encoder), decay)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{denoise.item():.4f}", loc=f"{(loss - denoise).item() / max(args.localize, 1e-8):.3f}")
         if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
             state = {
                 "unet": accelerator.unwrap_model(unet).state_dict(),
@@ -223,12 +290,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-object-weight", type=float, default=4.0)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
     parser.add_argument("--vae-kl", type=float, default=1e-4)
-    parser.add_argument("--steps", type=int, default=4000, help="UNet training steps")
+    parser.add_argument("--steps", type=int, default=7000, help="UNet training steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--noise-offset", type=float, default=0.0, help="std of a per-channel constant added to noise")
+    parser.add_argument("--localize", type=float, default=0.01, help="weight of the attention localization term")
+    parser.add_argument("--text-layers", type=int, default=0, help="transformer layers of the text encoder")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -238,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    comps = build_toy_components(args.seed)
+    comps = build_toy_components(args.seed, text_layers=args.text_layers)
     data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt")
     masks = object_masks(data["scenes"], args.work_dir / "masks.pt")
     vae = train_vae(accelerator, comps["vae"], data["images"], masks, args, args.work_dir / "vae.ckpt")
@@ -247,8 +316,11 @@ def main(argv: list[str] | None = None) -> None:
     vae.register_to_config(scaling_factor=scale)
     logger.info("VAE done after %.1f min; latent scaling factor %.4f", (time.time() - t0) / 60, scale)
     unet, text_encoder = train_unet(
-        accelerator, comps, latents * scale, data["scenes"], args, args.work_dir / "unet.ckpt"
+        accelerator, comps, latents * scale, data["scenes"], masks, args, args.work_dir / "unet.ckpt"
     )
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet.set_attn_processor(AttnProcessor2_0())
 
     from diffusers import StableDiffusionPipeline
 

@@ -6,7 +6,18 @@ them and saves a ``StableDiffusionPipeline`` folder; :func:`load_toy_pipeline` l
 
 Sizes: images 64x64x3 -> VAE latents 8x16x16 (two downsamplings); UNet with cross-attention at 8x8 and 4x4 (and its
 mid block);
-a two-layer CLIP text encoder of width 64 over the world's vocabulary (one token per word).
+a CLIP text encoder of width 64 over the world's vocabulary (one token per word).
+
+Two choices make the toy model behave like Stable Diffusion where Infusion depends on it:
+
+- The text encoder has no transformer layers (token + position embedding, final layer norm). With a contextual
+  encoder this small, the padding tokens after the prompt summarize the whole sentence and the UNet learns to
+  read everything from them, so no word gets a localized cross-attention map; with none, the object's class word
+  is the only token that says "cat", so its map covers the cat, as in SD (the premise of prompt-to-prompt and of
+  Infusion's value residuals).
+- The scheduler has zero terminal SNR with v-prediction and trailing timesteps (Lin et al., 2024). With SD 1.5's
+  betas, 7% of the signal survives at the last step, and on a 16x16 latent the low frequencies of the initial
+  noise then decide where objects go, whatever the prompt says.
 """
 
 from __future__ import annotations
@@ -52,7 +63,7 @@ UNET_CONFIG: dict = dict(
 TEXT_CONFIG: dict = dict(
     hidden_size=64,
     intermediate_size=128,
-    num_hidden_layers=2,
+    num_hidden_layers=0,  # no mixing: each token's embedding says its word (and place), see below
     num_attention_heads=4,
     max_position_embeddings=MAX_TOKENS,
     bos_token_id=0,
@@ -68,6 +79,9 @@ SCHEDULER_CONFIG: dict = dict(
     clip_sample=False,
     set_alpha_to_one=False,
     steps_offset=1,
+    rescale_betas_zero_snr=True,  # the last step is pure noise: the noise cannot decide the layout
+    timestep_spacing="trailing",
+    prediction_type="v_prediction",  # eps-prediction is degenerate at zero terminal SNR
 )
 
 
@@ -76,11 +90,12 @@ def build_toy_tokenizer():
     return build_clip_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS)
 
 
-def build_toy_components(seed: int = 0) -> dict:
+def build_toy_components(seed: int = 0, *, text_layers: int = 0) -> dict:
     """Fresh, seeded, untrained components for ``StableDiffusionPipeline(**components)``.
 
     Args:
         seed: Seed of the initial weights.
+        text_layers: Transformer layers of the text encoder (0 for the shipped model).
 
     Returns:
         A dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM), ``safety_checker``
@@ -95,7 +110,9 @@ def build_toy_components(seed: int = 0) -> dict:
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **TEXT_CONFIG))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), **{**TEXT_CONFIG, "num_hidden_layers": text_layers})
+    )
     return {
         "unet": unet,
         "vae": vae,
