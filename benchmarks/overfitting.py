@@ -4,6 +4,9 @@
     python benchmarks/overfitting.py --quick          # my_cat, 100 and 200 steps, fewer samples (minutes)
     python benchmarks/overfitting.py --report-only    # tables, plots and grids from the results already written
 
+Concepts can run in parallel processes, one ``--output-dir`` each, then be reported together:
+``--report-only --output-dir A --merge B C D``.
+
 Every method trains on the same concept photos (``examples/toy_world/concepts/<name>``: one background, one
 position), from the same toy model, with the same batch (4), seeds and step budget, through one loop
 (:func:`diffusers_infusion.baselines.train_method`), and is measured after each step count in ``--steps``:
@@ -244,7 +247,7 @@ def report(args: argparse.Namespace) -> None:
     from PIL import Image
 
     out = args.output_dir
-    rows = _read(out / "results.jsonl")
+    rows = [r for d in (out, *args.merge) for r in _read(d / "results.jsonl")]
     if not rows:
         raise SystemExit(f"{out / 'results.jsonl'} has no results yet. Run without --report-only first.")
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
@@ -259,12 +262,12 @@ def report(args: argparse.Namespace) -> None:
     lines = [f"Concepts: {', '.join(concepts)}; mean ± std over concepts.", ""]
     last = steps[-1]
     lines += [f"### At {last} steps (Table 1's analogue)", "",
-              "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage |",
-              "|---|--:|--:|--:|--:|--:|"]  # fmt: skip
+              "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage | concepts |",
+              "|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
     for m in methods:
         cells = [f"{stat(m, last, k)[0]:.3f} ± {stat(m, last, k)[1]:.3f}" for k in metrics[2:] + metrics[:2]]
         size = stat(m, last, "storage_bytes")[0]
-        lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} |")
+        lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} | {stat(m, last, 'storage_bytes')[2]} |")
     for key in metrics:
         lines += ["", f"### {key.replace('_', ' ')} by training steps", "",
                   "| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "--:|" * len(steps)]  # fmt: skip
@@ -289,7 +292,8 @@ def report(args: argparse.Namespace) -> None:
     plt.close(fig)
 
     for concept in concepts:
-        cells = out / "cells"
+        cells = next((d / "cells" for d in (out, *args.merge) if (d / "cells" / f"{concept}_base_0_0.png").exists()),
+                     out / "cells")  # fmt: skip
         base = [cells / f"{concept}_base_0_{i}.png" for i in range(2)]
         trained = [m for m in methods if m != "base"]
         grid = Image.new("RGB", (66 * (2 * len(steps) + 2) + 150, 66 * (len(trained) + 1)), "white")
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "overfitting")
     parser.add_argument("--quick", action="store_true", help="my_cat, 100 and 200 steps, fewer samples")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--merge", nargs="*", type=Path, default=[], help="more output dirs to report with this one")
     args = parser.parse_args(argv)
     if args.quick:  # flags given explicitly win
         args.concepts = args.concepts[:1]
