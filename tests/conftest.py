@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -54,3 +55,34 @@ def make_concept():
 def gen():
     """``gen(seed=0)``: a fresh seeded CPU generator."""
     return lambda seed=0: torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def cpu_sequential_offload(monkeypatch):
+    """diffusers' ``cpu_offload`` on ``cpu`` instead of ``cpu:0`` (why: test_processor_kwargs_and_offload.py)."""
+    import accelerate
+
+    cpu_offload = accelerate.cpu_offload  # diffusers imports it from accelerate inside the method
+
+    def offload(model, execution_device=None, **kwargs):
+        if execution_device is not None and torch.device(execution_device).type == "cpu":
+            execution_device = torch.device("cpu")
+        return cpu_offload(model, execution_device, **kwargs)
+
+    monkeypatch.setattr(accelerate, "cpu_offload", offload)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A LoRA file in diffusers' format, made in code: peft LoRA on a copy of the tiny UNet, random non-zero B."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(tiny_sd_components(seed=0)["unet"])
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                        init_lora_weights=False)  # fmt: skip
+    unet.add_adapter(config)
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder

@@ -1,31 +1,14 @@
 """LoRA files through diffusers' ``load_lora_weights`` (peft backend) next to Infusion concepts, in either order."""
 
-import copy
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 
 from diffusers_infusion import InfusionPipeline
 from diffusers_infusion.tiny import tiny_sd_components
 
 KWARGS = dict(num_inference_steps=2, output_type="latent")
 PROMPT = "a cat on the grass"
-
-
-@pytest.fixture(scope="module")
-def lora_dir(tmp_path_factory):
-    """A LoRA file in diffusers' format, made in code: peft LoRA on a copy of the tiny UNet, random non-zero B."""
-    unet = copy.deepcopy(tiny_sd_components(seed=0)["unet"])
-    torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                        init_lora_weights=False)  # fmt: skip
-    unet.add_adapter(config)
-    folder = tmp_path_factory.mktemp("lora")
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
-    return folder
 
 
 def fresh(cls, lora_dir=None):

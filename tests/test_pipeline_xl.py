@@ -88,3 +88,22 @@ def test_class_word_must_match_in_both_prompts(xl, make_concept):
     with pytest.raises(InfusionCallError, match="positions \\[2\\] of prompt 0 for tokenizer but at \\[5\\]"):
         xl("a cat", prompt_2="a photo of a cat", num_inference_steps=1)
     xl("a cat", prompt_2="a cat on snow", num_inference_steps=1, output_type="latent")  # same positions: fine
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_leaves_the_output_unchanged(xl_components, make_concept, cpu_sequential_offload, offload):
+    kwargs = dict(num_inference_steps=2, output_type="latent", original_size=(24, 24), target_size=(16, 16))
+    outputs = []
+    for enable in (False, True):
+        pipe = InfusionXLPipeline(**tiny_sdxl_components(seed=0))
+        pipe.set_progress_bar_config(disable=True)
+        pipe.load_infusion_concept(make_concept(pipe.unet, "cat"))
+        if enable:
+            getattr(pipe, f"enable_{offload}_cpu_offload")(device="cpu")
+            assert hasattr(pipe.unet, "_hf_hook") and hasattr(pipe.text_encoder_2, "_hf_hook")
+        out = pipe("a cat", generator=torch.Generator().manual_seed(0), return_base_images=True, **kwargs)
+        outputs.append(out)
+    plain, offloaded = outputs
+    assert torch.allclose(offloaded.images, plain.images, atol=1e-6)
+    assert torch.allclose(offloaded.base_images, plain.base_images, atol=1e-6)
+    assert not torch.allclose(plain.images, plain.base_images, atol=1e-3)

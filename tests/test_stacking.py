@@ -1,4 +1,4 @@
-"""Infusion stacked with an IP-Adapter (tiny image encoder built in code) and a LoRA, in either load order."""
+"""Infusion stacked with an IP-Adapter (tiny image encoder built in code) and a LoRA file, in any load order."""
 
 import numpy as np
 import PIL.Image
@@ -88,3 +88,33 @@ def test_unloading_the_concept_leaves_the_ip_adapter(ip_components, make_concept
     pipe.unload_infusion_concept()
     out = pipe("a cat", ip_adapter_image=image, generator=gen(), **KWARGS).images
     assert torch.equal(out, plain("a cat", ip_adapter_image=image, generator=gen(), **KWARGS).images)
+
+
+@pytest.mark.parametrize("order", [("lora", "ip", "concept"), ("concept", "ip", "lora"), ("ip", "concept", "lora")])
+def test_lora_ip_adapter_and_concept_together(ip_components, lora_dir, make_concept, gen, image, order):
+    pipe, plain = pipes(ip_components)
+    concept = make_concept(pipe.unet, "cat")
+    load = {
+        "lora": lambda: pipe.load_lora_weights(lora_dir, adapter_name="style"),
+        "ip": lambda: pipe.load_ip_adapter(
+            ip_adapter_state_dict(pipe.unet, 32), subfolder="", weight_name="", image_encoder_folder=None
+        ),  # fmt: skip
+        "concept": lambda: pipe.load_infusion_concept(concept, "cat"),
+    }
+    for name in order:
+        load[name]()
+
+    def f_is_plain_and_concept_acts(**extra) -> torch.Tensor:
+        out = pipe("a cat", generator=gen(), return_base_images=True, **extra, **KWARGS)
+        expected = plain("a cat", generator=gen(), **extra, **KWARGS).images  # same UNet, same LoRA/IP-Adapter
+        assert torch.allclose(out.base_images, expected, atol=1e-5)
+        assert not torch.allclose(out.images, out.base_images, atol=1e-3)
+        return expected
+
+    with_both = f_is_plain_and_concept_acts(ip_adapter_image=image)
+    pipe.unload_lora_weights()
+    with_ip = f_is_plain_and_concept_acts(ip_adapter_image=image)
+    assert not torch.allclose(with_both, with_ip, atol=1e-4)  # the LoRA acted, and unloading it took it away
+    pipe.unload_ip_adapter()
+    assert pipe.get_list_infusion_concepts() == ["cat"]
+    f_is_plain_and_concept_acts()
