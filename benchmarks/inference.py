@@ -6,8 +6,9 @@
 Each method runs in a fresh process (so its peak memory is its own): ``plain`` (StableDiffusionPipeline),
 ``exact`` (one concept, the paper's method: 2.00x is the floor), ``fast`` (one stream, own queries), ``variants``
 (4 concept variants sharing one F stream; per image), ``naive`` (the map-storing reference, batch 1 only).
-Times are medians of ``--repeats`` denoising loops (``output_type="latent"``); memory is the peak RSS growth
-during the calls.
+Times are medians of ``--repeats`` calls (``--output-type latent``: the denoising loop; ``pil``: with decoding).
+Memory is the process's peak RSS during the timed calls, in total (weights included: what a user's machine must
+hold) and as growth over the RSS before them (the activations).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def worker(args: argparse.Namespace) -> None:
             gen = torch.Generator().manual_seed(i)
             concept.residuals = {k: torch.randn(v.shape, generator=gen) for k, v in concept.residuals.items()}
             pipe.load_infusion_concept(concept, f"c{i}")
-    kwargs = dict(num_inference_steps=args.steps, output_type="latent", height=side, width=side)
+    kwargs = dict(num_inference_steps=args.steps, output_type=args.output_type, height=side, width=side)
     batch = [prompt] * args.batch
     positions = find_class_word_positions(pipe.tokenizer, prompt, "cat")
 
@@ -71,6 +72,7 @@ def worker(args: argparse.Namespace) -> None:
             return pipe(batch, infusion_variants=[{f"c{i}": 1.0} for i in range(N_VARIANTS)], **kwargs)
         noise = torch.randn(1, 4, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
         residuals = pipe.infusion_concepts["c0"].residuals
+        # latents only: compare it with --output-type latent
         return naive_infusion_latents(pipe, prompt, [(residuals, 1.0, positions)], latents=noise,
                                       num_inference_steps=args.steps, guidance_scale=7.5)  # fmt: skip
 
@@ -84,7 +86,8 @@ def worker(args: argparse.Namespace) -> None:
             call()
             times.append(time.perf_counter() - start)
     per_image = N_VARIANTS if args.method == "variants" else 1
-    print(json.dumps({"seconds": statistics.median(times) / per_image, "peak_mb": rss_mb("VmHWM") - start_rss}))
+    peak = rss_mb("VmHWM")
+    print(json.dumps({"seconds": statistics.median(times) / per_image, "peak_mb": peak - start_rss, "total_mb": peak}))
 
 
 def main() -> None:
@@ -98,6 +101,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--output-type", default="latent", choices=["latent", "pil"])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -105,9 +109,10 @@ def main() -> None:
         args.batch = args.batch[0]
         return worker(args)
     print(f"model={args.model} resolution={args.resolution} steps={args.steps} repeats={args.repeats} "
-          f"threads={args.threads}")  # fmt: skip
-    print("| batch | method | s per call (per variant) | ratio to plain | peak RSS growth (MB) | ratio to plain |")
-    print("| --- | --- | --- | --- | --- | --- |")
+          f"threads={args.threads} output_type={args.output_type}")  # fmt: skip
+    print("| batch | method | s per call (per variant) | ratio to plain | peak RSS growth (MB) | ratio to plain "
+          "| peak RSS total (MB) | ratio to plain |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for batch in args.batch:
         results = {}
         for method in args.methods:
@@ -116,10 +121,12 @@ def main() -> None:
             argv = ["--worker", "--method", method, "--model", args.model, "--batch", str(batch), "--steps",
                     str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]  # fmt: skip
             argv += ["--resolution", str(args.resolution)] if args.resolution else []
+            argv += ["--output-type", args.output_type]
             results[method] = run_worker(Path(__file__), argv)
             r, p = results[method], results.get("plain", results[method])
             print(f"| {batch} | {method} | {r['seconds']:.3f} | {r['seconds'] / p['seconds']:.2f}x | "
-                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / max(p['peak_mb'], 1e-9):.2f}x |", flush=True)  # fmt: skip
+                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / max(p['peak_mb'], 1e-9):.2f}x | "
+                  f"{r['total_mb']:.0f} | {r['total_mb'] / p['total_mb']:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
