@@ -247,7 +247,12 @@ def report(args: argparse.Namespace) -> None:
     from PIL import Image
 
     out = args.output_dir
-    rows = [r for d in (out, *args.merge) for r in _read(d / "results.jsonl")]
+    # one row per (concept, method, step): a concept split over several dirs has its base rows in each
+    rows = list(
+        {
+            (r["concept"], r["method"], r["step"]): r for d in (out, *args.merge) for r in _read(d / "results.jsonl")
+        }.values()
+    )
     if not rows:
         raise SystemExit(f"{out / 'results.jsonl'} has no results yet. Run without --report-only first.")
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
@@ -292,9 +297,13 @@ def report(args: argparse.Namespace) -> None:
     plt.close(fig)
 
     for concept in concepts:
-        cells = next((d / "cells" for d in (out, *args.merge) if (d / "cells" / f"{concept}_base_0_0.png").exists()),
-                     out / "cells")  # fmt: skip
-        base = [cells / f"{concept}_base_0_{i}.png" for i in range(2)]
+
+        def cell(name: str) -> Path:
+            """The cell image from whichever output dir has it (a concept may be split over several)."""
+            paths = [d / "cells" / name for d in (out, *args.merge)]
+            return next((p for p in paths if p.exists()), paths[0])
+
+        base = [cell(f"{concept}_base_0_{i}.png") for i in range(2)]
         trained = [m for m in methods if m != "base"]
         grid = Image.new("RGB", (66 * (2 * len(steps) + 2) + 150, 66 * (len(trained) + 1)), "white")
         from PIL import ImageDraw
@@ -308,7 +317,7 @@ def report(args: argparse.Namespace) -> None:
             draw.text((4, 66 * r + 26), m, fill="black")
             for c, s in enumerate(steps):
                 for i in range(2):
-                    p = cells / f"{concept}_{m}_{s}_{i}.png"
+                    p = cell(f"{concept}_{m}_{s}_{i}.png")
                     if p.exists():
                         grid.paste(Image.open(p), (150 + 66 * (2 + 2 * c + i), 66 * r))
         for c, s in enumerate(steps):
