@@ -6,8 +6,15 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
-from diffusers_infusion.metrics import parse_toy_prompt, toy_concept_similarity, toy_prompt_matches, toy_text_alignment
+from diffusers_infusion.metrics import (
+    parse_toy_prompt,
+    toy_concept_similarity,
+    toy_prompt_matches,
+    toy_reconstruction_similarity,
+    toy_text_alignment,
+)
 from diffusers_infusion.metrics.toy import NamedObject
 from diffusers_infusion.toy import concepts
 from diffusers_infusion.toy.reader import Reading, ToyReadObject
@@ -69,3 +76,26 @@ def test_concept_similarity_is_the_toy_module_function():
     assert toy_concept_similarity is concepts.concept_similarity
     photos = concepts.CONCEPTS["my_cat"].photos()
     assert np.mean(toy_concept_similarity(photos, "my_cat")) > 0.8
+
+
+class _FakeVAE(torch.nn.Module):
+    """encode -> posterior mean = pixels, decode -> ``transform(latents)``: a VAE whose reconstruction we choose."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.transform = transform
+
+    def encode(self, x):
+        return type("Out", (), {"latent_dist": type("Dist", (), {"mean": x})()})()
+
+    def decode(self, z):
+        return type("Out", (), {"sample": self.transform(z)})()
+
+
+def test_reconstruction_similarity_is_the_ceiling_the_vae_allows():
+    faithful = toy_reconstruction_similarity(_FakeVAE(lambda z: z), "my_cat")
+    photos = np.mean(toy_concept_similarity(concepts.CONCEPTS["my_cat"].photos(), "my_cat"))
+    assert faithful == pytest.approx(photos, abs=0.02) and faithful > 0.8  # a perfect VAE: the photos' own score
+    swapped = toy_reconstruction_similarity(_FakeVAE(lambda z: z[:, [1, 2, 0]]), "my_cat")  # colors permuted
+    assert swapped < 0.2

@@ -7,6 +7,7 @@ much each image's object looks like a personal concept.
 
     toy_text_alignment(images, ["a photo of my cat on the beach", ...])      # fraction of images that match
     np.mean(toy_concept_similarity(images, "my_cat"))                         # per-image scores, average them
+    toy_reconstruction_similarity(pipe.vae, "my_cat")                         # the ceiling the VAE allows
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from ..toy.reader import Reading
 from ..toy.world import BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, POSITIONS
 from .images import ImageBatch
 
-__all__ = ["NamedObject", "parse_toy_prompt", "toy_concept_similarity", "toy_prompt_matches", "toy_text_alignment"]
+__all__ = [
+    "NamedObject",
+    "parse_toy_prompt",
+    "toy_concept_similarity",
+    "toy_prompt_matches",
+    "toy_reconstruction_similarity",
+    "toy_text_alignment",
+]
 
 
 @dataclass(frozen=True)
@@ -106,3 +114,28 @@ def toy_text_alignment(
         raise ValueError(f"prompts has {len(prompts)} entries for {n} images. Pass one prompt per image.")
     readings = readings if readings is not None else read_images(images)
     return sum(toy_prompt_matches(p, r) for p, r in zip(prompts, readings)) / n
+
+
+def toy_reconstruction_similarity(vae, concept) -> float:
+    """Concept similarity of the VAE's own reconstructions of the concept's photos: the most any method can score.
+
+    Every method learns from the photos' latents and every image is decoded by the same VAE, so what the VAE
+    cannot reproduce no method can draw. Reconstructions use the posterior mean, decoded in float32.
+
+    Args:
+        vae: The pipeline's ``AutoencoderKL``.
+        concept: A toy concept (``ToyConcept``) or its name (``"my_cat"``).
+    """
+    import numpy as np
+    import torch
+
+    from ..toy.concepts import CONCEPTS
+    from .images import to_pil, to_pixels
+
+    concept = CONCEPTS[concept] if isinstance(concept, str) else concept
+    param = next(vae.parameters())
+    x = to_pixels(concept.photos(), argument="concept photos").to(param.device, param.dtype)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.float()
+    images = to_pil(((y.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+    return float(np.mean(toy_concept_similarity(images, concept)))
