@@ -280,7 +280,7 @@ def report(args: argparse.Namespace) -> None:
             lines.append(f"| {m} | " + " | ".join(f"{stat(m, s, key)[0]:.3f}" for s in steps) + " |")
     (out / "overfitting.md").write_text("\n".join(lines) + "\n")
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, key in zip(axes, metrics):
         for m in methods:
             mean = np.array([stat(m, s, key)[0] for s in steps])
@@ -291,8 +291,8 @@ def report(args: argparse.Namespace) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("training steps")
         ax.set_title(key.replace("_", " "))
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(out / "overfitting.png", dpi=110)
     plt.close(fig)
 
