@@ -178,3 +178,36 @@ def test_concept_agnostic_overfitting_is_zero(pipe, make_concept):
     divergence = 0.5 * ((eps_base - eps_custom) ** 2).flatten(1).sum(1)
     assert (divergence[:3] == 0).all()  # exactly: no caption without the class word is changed
     assert divergence[3] > 1e-3  # the concept's own caption is (so the measurement can fail)
+
+
+# --------------------------------------------------------------------------------------------- fused path
+def test_fused_path_never_materializes_an_attention_map(pipe, make_concept, gen, monkeypatch):
+    """The C stream's cross-attention is one SDPA call per layer: no softmax map is ever built in Python."""
+    import diffusers.models.attention_processor as attention_processor
+
+    calls = {"softmax": 0, "scores": 0, "sdpa": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "softmax", counting("softmax", torch.softmax))
+    monkeypatch.setattr(torch.nn.functional, "softmax", counting("softmax", torch.nn.functional.softmax))
+    scores = attention_processor.Attention.get_attention_scores
+    monkeypatch.setattr(attention_processor.Attention, "get_attention_scores", counting("scores", scores))
+    sdpa = counting("sdpa", torch.nn.functional.scaled_dot_product_attention)
+    monkeypatch.setattr(attention_processor.F, "scaled_dot_product_attention", sdpa)
+
+    pipe.load_infusion_concept(make_concept(pipe.unet, "cat"))
+    pipe("a cat", num_inference_steps=2, output_type="latent", generator=gen())
+    assert calls["sdpa"] > 0 and calls["softmax"] == 0 and calls["scores"] == 0
+
+    prompt = "a cat"
+    positions = find_class_word_positions(pipe.tokenizer, prompt, "cat")
+    residuals = pipe.infusion_concepts[pipe.get_list_infusion_concepts()[0]].residuals
+    naive_infusion_latents(pipe, prompt, [(residuals, 1.0, positions)], latents=torch.randn(1, 4, 8, 8),
+                           num_inference_steps=2, guidance_scale=7.5)  # fmt: skip
+    assert calls["softmax"] > 0  # the counters do see maps: the map-storing reference builds them
