@@ -70,7 +70,9 @@ def worker(args: argparse.Namespace) -> None:
             return pipe(batch, infusion_concepts={"c0": 1.0}, infusion_mode="fast", **kwargs)
         if args.method == "variants":
             return pipe(batch, infusion_variants=[{f"c{i}": 1.0} for i in range(N_VARIANTS)], **kwargs)
-        noise = torch.randn(1, 4, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+        noise = torch.randn(
+            1, pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor
+        )
         residuals = pipe.infusion_concepts["c0"].residuals
         # latents only: compare it with --output-type latent
         return naive_infusion_latents(pipe, prompt, [(residuals, 1.0, positions)], latents=noise,
