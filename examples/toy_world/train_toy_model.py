@@ -40,7 +40,7 @@ from accelerate import Accelerator  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_infusion.toy.model import build_toy_components  # noqa: E402
-from diffusers_infusion.toy.world import caption, is_held_out, render, sample_scene  # noqa: E402
+from diffusers_infusion.toy.world import UNNAMED_LOOK_PREFIX, caption, is_held_out, render, sample_scene  # noqa: E402
 
 logger = logging.getLogger("train_toy_model")
 
@@ -56,13 +56,48 @@ def excluded(obj, background: str) -> bool:
     return is_held_out(obj.cls, obj.color, background)
 
 
-def render_dataset(n: int, seed: int, path: Path) -> dict:
+N_LOOKS = 512  # plain off-palette looks ``rgb-<k>`` (UNNAMED_LOOK_PREFIX) for --random-colors
+
+
+def register_random_looks(seed: int) -> None:
+    """Register ``N_LOOKS`` plain object colors drawn uniformly from RGB, never near a personal concept's colors.
+
+    An object with such a look is captioned without a color ("a cat on grass"), so the model learns that an
+    unnamed color can be any color, and the VAE learns to reproduce colors outside the world's eight.
+    """
+    from diffusers_infusion.toy.concepts import CONCEPTS
+    from diffusers_infusion.toy.world import PATTERNS, UNNAMED_LOOK_PREFIX
+
+    avoid = np.array([c for concept in CONCEPTS.values() for c in concept.colors], dtype=float)  # (K, 3)
+    rng = np.random.default_rng(seed + 7919)
+    k = 0
+    while k < N_LOOKS:
+        color = rng.integers(0, 256, 3)
+        if np.linalg.norm(avoid - color, axis=1).min() < 48:
+            continue
+        fill = tuple(int(v) for v in color)
+        PATTERNS[f"{UNNAMED_LOOK_PREFIX}{k}"] = lambda img, cx, cy, s, fill=fill: img.paste(fill, (0, 0, *img.size))
+        k += 1
+
+
+def with_random_looks(scene, share: float, seed: int):
+    """With probability ``share`` (seeded per scene), every object of ``scene`` takes a random off-palette look."""
+    rng = random.Random(f"{seed}-look")
+    if rng.random() >= share:
+        return scene
+    objects = tuple(replace(o, pattern=f"{UNNAMED_LOOK_PREFIX}{rng.randrange(N_LOOKS)}") for o in scene.objects)
+    return replace(scene, objects=objects)
+
+
+def render_dataset(n: int, seed: int, path: Path, *, random_colors: float = 0.0) -> dict:
     """Render ``n`` training scenes (held-out combinations excluded) and cache them at ``path``."""
     if path.exists():
         return torch.load(path, weights_only=False)
     scenes, images = [], []
     for i in tqdm(range(n), desc="render", mininterval=5):
         scene = sample_scene(seed * 1_000_003 + i, exclude=excluded)
+        if random_colors > 0:
+            scene = with_random_looks(scene, random_colors, seed * 1_000_003 + i)
         scenes.append(scene)
         images.append(np.asarray(render(scene), dtype=np.uint8))
     data = {"scenes": scenes, "images": torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()}
@@ -299,6 +334,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=0, help="transformer layers of the text encoder")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--random-colors", type=float, default=0.0,
+        help="share of training scenes whose objects get a random off-palette color (captioned without a color)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -307,7 +346,9 @@ def main(argv: list[str] | None = None) -> None:
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     comps = build_toy_components(args.seed, text_layers=args.text_layers)
-    data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt")
+    if args.random_colors > 0:
+        register_random_looks(args.seed)  # before rendering or re-rendering (masks) any scene that uses them
+    data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt", random_colors=args.random_colors)
     masks = object_masks(data["scenes"], args.work_dir / "masks.pt")
     vae = train_vae(accelerator, comps["vae"], data["images"], masks, args, args.work_dir / "vae.ckpt")
     latents = encode_latents(vae, data["images"], args.work_dir / "latents.pt")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from diffusers_infusion.toy.concepts import CONCEPTS, CONCEPTS_DIR
 from diffusers_infusion.toy.model import build_toy_tokenizer
@@ -14,6 +17,8 @@ from diffusers_infusion.toy.world import (
     BACKGROUNDS,
     CLASSES,
     COLORS,
+    PATTERNS,
+    UNNAMED_LOOK_PREFIX,
     VOCABULARY,
     Scene,
     ToyObject,
@@ -22,6 +27,7 @@ from diffusers_infusion.toy.world import (
     is_held_out,
     render,
     sample_scene,
+    to_array,
 )
 
 
@@ -97,3 +103,34 @@ def test_shipped_concept_photos_match_rendering(name):
     for row, image in zip(rows, concept.photos()):
         assert np.array_equal(np.asarray(Image.open(folder / row["file_name"]).convert("RGB")), np.asarray(image))
     assert {s.background for s in concept.photo_scenes()} == {concept.background}
+
+
+def test_unnamed_looks_are_captioned_without_color_and_not_as_personal():
+    PATTERNS[UNNAMED_LOOK_PREFIX + "test"] = lambda img, cx, cy, s: img.paste((12, 200, 90), (0, 0, *img.size))
+    scene = Scene("grass", (ToyObject("cat", "red", "left", pattern=UNNAMED_LOOK_PREFIX + "test"),), seed=0)
+    assert caption(scene, position=False) == "a photo of a cat on grass"
+    personal = Scene("grass", (ToyObject("cat", "red", "left", pattern="my_cat"),), seed=0)
+    assert caption(personal, position=False) == "a photo of my cat on grass"
+    pixels = to_array(render(scene))[0].reshape(-1, 3) * 255
+    assert (np.abs(pixels - [12, 200, 90]).max(1) < 2).sum() > 50  # the look's color is drawn
+
+
+def test_training_script_random_looks_avoid_the_concepts_colors():
+    path = Path(__file__).resolve().parents[2] / "examples" / "toy_world" / "train_toy_model.py"
+    spec = importlib.util.spec_from_file_location("train_toy_model", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.register_random_looks(0)
+    concept_colors = np.array([c for concept in CONCEPTS.values() for c in concept.colors], dtype=float)
+    looks = [PATTERNS[f"{UNNAMED_LOOK_PREFIX}{k}"] for k in range(script.N_LOOKS)]
+    fills = []
+    for paint in looks[:64]:
+        img = Image.new("RGB", (4, 4))
+        paint(img, 2, 2, 1)
+        fills.append(img.getpixel((0, 0)))
+    assert len(set(fills)) > 60  # many colors
+    assert np.linalg.norm(concept_colors[None] - np.array(fills)[:, None], axis=-1).min() >= 48
+    scenes = [script.with_random_looks(sample_scene(i), 0.3, i) for i in range(400)]
+    share = np.mean([s.objects[0].pattern is not None for s in scenes])
+    assert 0.2 < share < 0.4 and scenes == [script.with_random_looks(sample_scene(i), 0.3, i) for i in range(400)]
+    assert all("my " not in caption(s, rng=random.Random(i)) for i, s in enumerate(scenes))

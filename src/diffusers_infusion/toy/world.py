@@ -238,6 +238,8 @@ def object_mask(obj: ToyObject, cx: float, cy: float) -> Image.Image:
 #: Painters of personal concepts' looks: name -> function(fill image, mask, cx, cy, s) painting in place.
 #: Filled by :mod:`~diffusers_infusion.toy.concepts`; the world itself only knows plain colors.
 PATTERNS: dict[str, Callable[[Image.Image, float, float, float], None]] = {}
+#: Patterns named with this prefix are unnamed looks (a color outside the eight, captioned "a cat", not "my cat").
+UNNAMED_LOOK_PREFIX = "rgb-"
 
 
 def _paint_object(canvas: Image.Image, obj: ToyObject, cx: float, cy: float) -> None:
@@ -324,7 +326,8 @@ def sample_scene(
 
 def _object_phrase(obj: ToyObject, *, color: bool, size: bool) -> str:
     words = ([obj.size] if size else []) + ([obj.color] if color and not obj.pattern else []) + [obj.cls]
-    article = "my" if obj.pattern else ("an" if words[0][0] in "aeiou" else "a")
+    personal = obj.pattern is not None and not obj.pattern.startswith(UNNAMED_LOOK_PREFIX)
+    article = "my" if personal else ("an" if words[0][0] in "aeiou" else "a")
     return " ".join([article, *words])
 
 
