@@ -66,7 +66,7 @@ def register_random_looks(seed: int) -> None:
     unnamed color can be any color, and the VAE learns to reproduce colors outside the world's eight.
     """
     from diffusers_infusion.toy.concepts import CONCEPTS
-    from diffusers_infusion.toy.world import PATTERNS, UNNAMED_LOOK_PREFIX
+    from diffusers_infusion.toy.world import PATTERNS
 
     avoid = np.array([c for concept in CONCEPTS.values() for c in concept.colors], dtype=float)  # (K, 3)
     rng = np.random.default_rng(seed + 7919)
