@@ -4,7 +4,8 @@
     python benchmarks/inference.py --model toy --batch 1 4 --steps 10     # the shipped toy model
 
 Each method runs in a fresh process (so its peak memory is its own): ``plain`` (StableDiffusionPipeline),
-``exact`` (one concept, the paper's method: 2.00x is the floor), ``fast`` (one stream, own queries), ``variants``
+``exact`` (one concept, the paper's method: 2.00x is the floor), ``sequential`` (the same, F then C in two
+UNet calls per step: less memory), ``fast`` (one stream, own queries), ``variants``
 (4 concept variants sharing one F stream; per image), ``naive`` (the map-storing reference, batch 1 only).
 Times are medians of ``--repeats`` calls (``--output-type latent``: the denoising loop; ``pil``: with decoding).
 Memory is the process's peak RSS during the timed calls, in total (weights included: what a user's machine must
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from _models import load_components, run_worker
 
-METHODS = ("plain", "exact", "fast", "variants", "naive")
+METHODS = ("plain", "exact", "sequential", "fast", "variants", "naive")
 N_VARIANTS = 4
 
 
@@ -66,6 +67,8 @@ def worker(args: argparse.Namespace) -> None:
             return pipe(batch, **kwargs)
         if args.method == "exact":
             return pipe(batch, infusion_concepts={"c0": 1.0}, **kwargs)
+        if args.method == "sequential":
+            return pipe(batch, infusion_concepts={"c0": 1.0}, infusion_streams="sequential", **kwargs)
         if args.method == "fast":
             return pipe(batch, infusion_concepts={"c0": 1.0}, infusion_mode="fast", **kwargs)
         if args.method == "variants":

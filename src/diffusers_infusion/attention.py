@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -93,7 +94,7 @@ class _HookState:
         for name, slot in self.layers.items():
             slot.residuals = None if plan is None else plan.value_residuals.get(name)
             captured = None if plan is None else plan.captured_queries
-            slot.captured_query = None if captured is None else captured[name]
+            slot.captured_query = None if captured is None else captured.get(name)
 
 
 def _hook_state(unet: torch.nn.Module) -> _HookState:
@@ -118,8 +119,10 @@ def _query_hook(state: _HookState, slot: _LayerSlot):
             return None
         state.fired = True
         offset = _half_offset(plan, query.shape[0])
-        if slot.captured_query is not None:  # F ran in an earlier call (training without gradient through F)
-            source = slot.captured_query.index_select(0, plan.f_rows).to(query.dtype)
+        if slot.captured_query is not None:  # F ran in an earlier UNet call (training, or sequential streams)
+            captured = slot.captured_query  # (F rows, pixels, inner_dim), in halves like ``query`` under guidance
+            source_offset = captured.shape[0] // 2 if offset else 0
+            source = captured.index_select(0, plan.f_rows + source_offset).to(query.dtype)
         else:
             source = query.index_select(0, plan.f_rows + offset)
         return query.index_copy_(0, plan.c_rows + offset, source)
@@ -239,3 +242,56 @@ def capture_queries(unet: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _take_rows(value: Any, index: torch.Tensor, n_rows: int) -> Any:
+    """``value`` with every tensor whose first dimension is the batch (``n_rows``) reduced to the rows ``index``."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, index.to(value.device)) if value.ndim and value.shape[0] == n_rows else value
+    if isinstance(value, dict):
+        return {k: _take_rows(v, index, n_rows) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take_rows(v, index, n_rows) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def sequential_streams(unet: torch.nn.Module, plan: InfusionPlan, *, n_f: int) -> Iterator[None]:
+    """Run every UNet call on the ``[F | C]`` batch as two calls: F alone, recording its queries, then C with them.
+
+    The same numbers as one batched call, with the activation memory of the larger of the two halves instead of
+    their sum. ``plan`` lays out the C rows alone (``n_f=0``) and must carry a ``captured_queries`` dict, which
+    each F call refills. Use inside ``infusion_hooks(unet, plan)``. Not for a compiled UNet.
+    """
+    if is_compiled(unet):
+        raise RuntimeError("sequential streams wrap the UNet's forward, which a compiled UNet does not allow.")
+    state, captured = _hook_state(unet), plan.captured_queries
+    had_own_forward, forward = "forward" in unet.__dict__, unet.forward  # accelerate's offload wrapper, if any
+
+    def split_forward(sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        # sample: (rows, C, h, w) with rows = [F | C] or [F^u | C^u | F^c | C^c] under guidance
+        rows, half = sample.shape[0], n_f + plan.rows_per_half
+        halves = [0, half] if rows == 2 * half else [0]
+        f_index = torch.tensor([h + i for h in halves for i in range(n_f)], device=sample.device)
+        c_index = torch.tensor([h + n_f + i for h in halves for i in range(plan.rows_per_half)], device=sample.device)
+        state.activate(None)
+        with capture_queries(unet) as queries:
+            f_out = forward(*_take_rows((sample, *args), f_index, rows), **_take_rows(kwargs, f_index, rows))
+        captured.clear()
+        captured.update(queries)
+        state.activate(plan)
+        c_out = forward(*_take_rows((sample, *args), c_index, rows), **_take_rows(kwargs, c_index, rows))
+        f_pred, c_pred = (out[0] if isinstance(out, tuple) else out.sample for out in (f_out, c_out))
+        pred = (
+            f_pred.new_empty((rows, *f_pred.shape[1:])).index_copy_(0, f_index, f_pred).index_copy_(0, c_index, c_pred)
+        )
+        return (pred,) if isinstance(f_out, tuple) else type(f_out)(sample=pred)
+
+    unet.forward = split_forward
+    try:
+        yield
+    finally:
+        if had_own_forward:
+            unet.forward = forward
+        else:
+            del unet.forward

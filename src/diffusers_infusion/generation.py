@@ -9,6 +9,7 @@ class word (or with no active concept) get no C row at all; a call with no C row
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .attention import infusion_hooks, keep_hooks_if_compiled
+from .attention import infusion_hooks, is_compiled, keep_hooks_if_compiled, sequential_streams
 from .errors import InfusionCallError
 from .loaders import InfusionLoaderMixin
 from .residuals import ResidualEntry, build_plan
@@ -131,10 +132,23 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         return placements
 
     def _place_variants(self, prompts, n_prompts, infusion_concepts, infusion_variants, infusion_token_indices,
-                        infusion_mode, return_base_images) -> list[list[Placement]]:  # fmt: skip
+                        infusion_mode, return_base_images,
+                        infusion_streams="batched") -> list[list[Placement]]:  # fmt: skip
         """One placement list per variant (a single one without ``infusion_variants``), after checking the mode."""
         if infusion_mode not in ("exact", "fast"):
             raise InfusionCallError(f"infusion_mode={infusion_mode!r} must be 'exact' (the paper's method) or 'fast'.")
+        if infusion_streams not in ("batched", "sequential"):
+            raise InfusionCallError(
+                f"infusion_streams={infusion_streams!r} must be 'batched' (one UNet call per step, the fastest) or "
+                "'sequential' (F, then C: less memory)."
+            )
+        if infusion_streams == "sequential" and infusion_mode == "fast":
+            raise InfusionCallError("infusion_streams='sequential' splits the F and C streams; 'fast' mode has one.")
+        if infusion_streams == "sequential" and is_compiled(self.unet):
+            raise InfusionCallError(
+                "infusion_streams='sequential' wraps the UNet's forward, which a compiled UNet does not allow. "
+                "Use the default infusion_streams='batched' with a compiled UNet."
+            )
         if infusion_mode == "fast" and return_base_images:
             raise InfusionCallError("return_base_images=True needs infusion_mode='exact': 'fast' runs no F stream.")
         if infusion_variants is not None and infusion_concepts is not None:
@@ -169,6 +183,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         run: Callable[..., Any],
         return_base_images: bool,
         return_dict: bool,
+        sequential: bool = False,
     ):
         """Lay out ``[F | C]``, run the plain loop once with the hooks on, and pick each image's row.
 
@@ -182,6 +197,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             run: The plain pipeline call, taking the expanded ``embeds``, ``latents`` and ``generator``.
             return_base_images: Also return F's images.
             return_dict: Return an ``InfusionPipelineOutput`` (else a tuple).
+            sequential: Run each UNet call as F, then C with F's recorded queries (less memory, same numbers).
         """
         n_f = latents.shape[0]
         device = latents.device
@@ -207,13 +223,17 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             generator = generator + clones if exact else clones
         dtype = next(e for e in embeds.values() if e is not None).dtype
         names = list(dict.fromkeys(e.concept for e in entries))
+        residuals = self._infusion_residuals(names, device, dtype)
         plan = build_plan(
-            self._infusion_residuals(names, device, dtype), entries, f_rows=f_rows, n_f=n_f if exact else 0,
-            device=device, dtype=dtype, replace_queries=exact,
+            residuals, entries, f_rows=f_rows, n_f=0 if sequential or not exact else n_f, device=device, dtype=dtype,
+            replace_queries=exact, captured_queries={} if sequential else None,
         )  # fmt: skip
 
         # 2. The plain sampling loop (and decoding) on [F | C], with the hooks on every cross-attention layer.
-        with infusion_hooks(self.unet, plan):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(infusion_hooks(self.unet, plan))
+            if sequential:
+                stack.enter_context(sequential_streams(self.unet, plan, n_f=n_f))
             images, nsfw = run(latents=expand(latents), generator=generator,
                                **{k: expand(v) for k, v in embeds.items()})  # fmt: skip
 

@@ -48,6 +48,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
         return_base_images: bool = False,
         infusion_variants: Sequence[Mapping[str, float]] | None = None,
         infusion_mode: str = "exact",
+        infusion_streams: str = "batched",
         **kwargs,
     ) -> InfusionPipelineOutput | tuple:
         """Generate images with the active Infusion concepts; every ``StableDiffusionPipeline`` argument works.
@@ -64,6 +65,9 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             infusion_mode: ``"exact"`` (default): the paper's method, C attends with F's queries. ``"fast"``: one
                 stream, C attends with its own queries (what the authors' public code computes): about the cost
                 of a plain call, but not the paper's method; the base model no longer decides the layout.
+            infusion_streams: ``"batched"`` (default): F and C rows in one UNet call per step, the fastest where
+                batching pays (GPUs). ``"sequential"``: each step runs F alone, recording its queries, then C with
+                them: the same numbers with about the activation memory of a plain call of the same batch.
 
         Returns:
             ``InfusionPipelineOutput`` with ``images``, ``nsfw_content_detected`` and ``base_images``; or, with
@@ -82,7 +86,8 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
         prompts = [prompt] if isinstance(prompt, str) else prompt
         n_prompts = len(prompts) if prompts is not None else 0 if prompt_embeds is None else prompt_embeds.shape[0]
         groups = self._place_variants(prompts, n_prompts, infusion_concepts, infusion_variants,
-                                      infusion_token_indices, infusion_mode, return_base_images)  # fmt: skip
+                                      infusion_token_indices, infusion_mode, return_base_images,
+                                      infusion_streams)  # fmt: skip
 
         # 2. No C row anywhere: exactly the plain pipeline.
         if not any(any(placements) for placements in groups):
@@ -119,7 +124,8 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             return output.images, output.nsfw_content_detected
 
         return self._generate(
-            groups, n_images=n_images, exact=infusion_mode == "exact", latents=latents, generator=generator,
+            groups, n_images=n_images, exact=infusion_mode == "exact", sequential=infusion_streams == "sequential",
+            latents=latents, generator=generator,
             embeds={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}, run=run,
             return_base_images=return_base_images, return_dict=return_dict,
         )  # fmt: skip

@@ -84,6 +84,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         return_base_images: bool = False,
         infusion_variants: Sequence[Mapping[str, float]] | None = None,
         infusion_mode: str = "exact",
+        infusion_streams: str = "batched",
         **kwargs,
     ):
         """Generate images with the active Infusion concepts; every ``StableDiffusionXLPipeline`` argument works.
@@ -106,7 +107,8 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         prompts_2 = [prompt_2] if isinstance(prompt_2, str) else prompt_2
         n_prompts = len(prompts) if prompts is not None else 0 if prompt_embeds is None else prompt_embeds.shape[0]
         groups = self._place_variants(prompts, n_prompts, infusion_concepts, infusion_variants,
-                                      infusion_token_indices, infusion_mode, return_base_images)  # fmt: skip
+                                      infusion_token_indices, infusion_mode, return_base_images,
+                                      infusion_streams)  # fmt: skip
         self._check_second_tokenizer(groups, prompts, prompts_2, infusion_token_indices)
 
         # 2. No C row anywhere: exactly the plain pipeline.
@@ -153,6 +155,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
             return output.images, None
 
         return self._generate(
-            groups, n_images=n_images, exact=infusion_mode == "exact", latents=latents, generator=generator,
+            groups, n_images=n_images, exact=infusion_mode == "exact", sequential=infusion_streams == "sequential",
+            latents=latents, generator=generator,
             embeds=embeds, run=run, return_base_images=return_base_images, return_dict=return_dict,
         )  # fmt: skip

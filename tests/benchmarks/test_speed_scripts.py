@@ -24,7 +24,7 @@ def run_script(name: str, *argv: str) -> list[list[str]]:
 
 def test_inference_benchmark_reports_every_method():
     rows = run_script("inference.py", "--batch", "1", "--steps", "1", "--repeats", "1", "--output-type", "pil")
-    assert [r[1] for r in rows] == ["plain", "exact", "fast", "variants", "naive"]
+    assert [r[1] for r in rows] == ["plain", "exact", "sequential", "fast", "variants", "naive"]
     for row in rows:
         assert len(row) == 8 and row[3].endswith("x") and row[7].endswith("x")
         assert float(row[6]) > 100  # total peak RSS in MB: the weights and torch are in it
