@@ -20,6 +20,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from diffusers_infusion import InfusionPipeline
@@ -111,9 +112,7 @@ def main() -> None:
         alignment = toy_text_alignment(images, PROMPTS, readings=readings)
         logger.info("%-12s concept similarity %.2f   text alignment %.2f", name, sum(similarity) / len(similarity),
                     alignment)  # fmt: skip
-    untouched = bool(
-        (torch.tensor(list(out.images[-1].getdata())) == torch.tensor(list(out.base_images[-1].getdata()))).all()
-    )
+    untouched = bool(np.array_equal(np.asarray(out.images[-1]), np.asarray(out.base_images[-1])))
     logger.info("Prompt without the class word untouched: %s", untouched)
     logger.info("Wrote %s (training %.0f s, sampling %.0f s).", args.output, trained - start,
                 time.perf_counter() - trained)  # fmt: skip
