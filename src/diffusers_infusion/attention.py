@@ -274,10 +274,10 @@ def sequential_streams(unet: torch.nn.Module, plan: InfusionPlan, *, n_f: int) -
         halves = [0, half] if rows == 2 * half else [0]
         f_index = torch.tensor([h + i for h in halves for i in range(n_f)], device=sample.device)
         c_index = torch.tensor([h + n_f + i for h in halves for i in range(plan.rows_per_half)], device=sample.device)
-        state.activate(None)
+        captured.clear()  # drop the previous step's queries before recording this step's
+        state.activate(None)  # (and the slots' references to them)
         with capture_queries(unet) as queries:
             f_out = forward(*_take_rows((sample, *args), f_index, rows), **_take_rows(kwargs, f_index, rows))
-        captured.clear()
         captured.update(queries)
         state.activate(plan)
         c_out = forward(*_take_rows((sample, *args), c_index, rows), **_take_rows(kwargs, c_index, rows))
