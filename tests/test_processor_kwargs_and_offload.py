@@ -72,12 +72,13 @@ def test_offload_without_an_accelerator_is_refused_by_diffusers(pipe):
             enable()
 
 
-def test_sequential_offload_on_cpu_fails_in_the_plain_pipeline_too(components):
+@pytest.mark.xfail(raises=TypeError, strict=False, reason="accelerate + torch 2.13 on 'cpu:0' (module docstring)")
+def test_sequential_offload_on_cpu_in_the_plain_pipeline(components):
+    """Upstream, without our fixture: xfails while the bug stands; passes (XPASS) once it is fixed."""
     plain = StableDiffusionPipeline(**components, requires_safety_checker=False)
     plain.set_progress_bar_config(disable=True)
     plain.enable_sequential_cpu_offload(device="cpu")
-    with pytest.raises(TypeError):  # accelerate + torch on "cpu:0"; when this starts passing, drop the fixture below
-        plain("a cat", **KWARGS)
+    assert plain("a cat", **KWARGS).images.isfinite().all()
 
 
 @pytest.mark.parametrize("load_first", [True, False], ids=["concept-then-offload", "offload-then-concept"])
