@@ -261,10 +261,8 @@ def sequential_streams(unet: torch.nn.Module, plan: InfusionPlan, *, n_f: int) -
 
     The same numbers as one batched call, with the activation memory of the larger of the two halves instead of
     their sum. ``plan`` lays out the C rows alone (``n_f=0``) and must carry a ``captured_queries`` dict, which
-    each F call refills. Use inside ``infusion_hooks(unet, plan)``. Not for a compiled UNet.
+    each F call refills. Use inside ``infusion_hooks(unet, plan)``; the pipeline refuses it on a compiled UNet.
     """
-    if is_compiled(unet):
-        raise RuntimeError("sequential streams wrap the UNet's forward, which a compiled UNet does not allow.")
     state, captured = _hook_state(unet), plan.captured_queries
     had_own_forward, forward = "forward" in unet.__dict__, unet.forward  # accelerate's offload wrapper, if any
 
