@@ -1,5 +1,8 @@
 """``infusion_streams="sequential"``: F alone, then C with F's recorded queries; the same numbers as one batch."""
 
+import contextlib
+from unittest import mock
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
@@ -41,6 +44,29 @@ def test_sequential_equals_batched(two_concepts, guidance):
     assert (sequential.base_images - batched.base_images).abs().max() < 1e-9
     assert (batched.images - batched.base_images).abs().max() > 1e-3
     assert "forward" not in pipe.unet.__dict__  # the UNet's own forward is back
+
+
+def test_sequential_keeps_only_the_conditional_queries(two_concepts):
+    """Under guidance the C call reads only the conditional F rows' queries, so only those are held."""
+    from diffusers_infusion import attention
+
+    pipe, held = two_concepts, []
+    original = attention.capture_queries
+
+    @contextlib.contextmanager
+    def spy(unet, **kwargs):
+        with original(unet, **kwargs) as queries:
+            yield queries
+        held.append(dict(queries))
+
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with mock.patch.object(attention, "capture_queries", spy):
+        pipe(["a cat", "a dog"], num_inference_steps=1, latents=noise, output_type="latent",
+             infusion_streams="sequential")  # fmt: skip
+    rows = {q.shape[0] for q in held[0].values()}
+    assert rows == {2}  # the 2 F rows of the conditional half; the unconditional half's 2 are not kept
+    for q in held[0].values():  # copies, not views that would keep both halves' storage alive
+        assert q.untyped_storage().nbytes() == q.numel() * q.element_size()
 
 
 def test_sequential_with_variants_equals_batched(two_concepts):

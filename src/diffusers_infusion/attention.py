@@ -120,9 +120,8 @@ def _query_hook(state: _HookState, slot: _LayerSlot):
         state.fired = True
         offset = _half_offset(plan, query.shape[0])
         if slot.captured_query is not None:  # F ran in an earlier UNet call (training, or sequential streams)
-            captured = slot.captured_query  # (F rows, pixels, inner_dim), in halves like ``query`` under guidance
-            source_offset = captured.shape[0] // 2 if offset else 0
-            source = captured.index_select(0, plan.f_rows + source_offset).to(query.dtype)
+            captured = slot.captured_query  # (F rows, pixels, inner_dim): the conditional half's only, under guidance
+            source = captured.index_select(0, plan.f_rows).to(query.dtype)
         else:
             source = query.index_select(0, plan.f_rows + offset)
         return query.index_copy_(0, plan.c_rows + offset, source)
@@ -220,18 +219,21 @@ def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan | None) -> Iterator
 
 
 @contextlib.contextmanager
-def capture_queries(unet: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+def capture_queries(unet: torch.nn.Module, *, conditional_half: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Record the query (``to_q`` output) of every cross-attention layer during the ``with`` block.
 
     Yields a dict that fills with ``{layer path: (rows, pixels, inner_dim)}`` as the UNet runs; a plan with
-    ``captured_queries`` set to it makes a later C-stream call attend with these queries.
+    ``captured_queries`` set to it makes a later C-stream call attend with these queries. With
+    ``conditional_half`` (a ``[uncond | cond]`` batch under guidance) only the second half's rows are kept: the
+    unconditional branch attends with its own queries, so the C call reads only the conditional ones.
     """
     captured: dict[str, torch.Tensor] = {}
     handles = []
 
     def recorder(name: str):
         def hook(module, args, query):
-            captured[name] = query.detach()
+            # a copy of the half, not a view: a view would keep the whole ``to_q`` output alive
+            captured[name] = query[query.shape[0] // 2 :].detach().clone() if conditional_half else query.detach()
 
         return hook
 
@@ -274,7 +276,7 @@ def sequential_streams(unet: torch.nn.Module, plan: InfusionPlan, *, n_f: int) -
         c_index = torch.tensor([h + n_f + i for h in halves for i in range(plan.rows_per_half)], device=sample.device)
         captured.clear()  # drop the previous step's queries before recording this step's
         state.activate(None)  # (and the slots' references to them)
-        with capture_queries(unet) as queries:
+        with capture_queries(unet, conditional_half=len(halves) == 2) as queries:
             f_out = forward(*_take_rows((sample, *args), f_index, rows), **_take_rows(kwargs, f_index, rows))
         captured.update(queries)
         state.activate(plan)
