@@ -2,7 +2,7 @@
 
     python examples/demo.py --output out/demo.png
 
-1. Trains "my_cat" (a striped cat with a star, photographed 5 times on grass, in the center) with
+1. Trains "my_cat" (an orange cat with a blue band, photographed 5 times on grass, in the center) with
    ``examples/train_infusion.py`` on the embedded toy Stable Diffusion (``examples/toy_world/model``).
 2. Renders prompts that put the cat on other backgrounds, at other positions and next to other objects, plus one
    prompt without the class word, each with the same seed for the base model and the concept (one call each).

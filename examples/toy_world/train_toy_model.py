@@ -11,8 +11,8 @@ Stages (each resumable from atomically written checkpoints in ``--work-dir``):
    an exponential moving average of both is what gets saved.
 
 The result is a ``StableDiffusionPipeline`` folder (safety checker None, DDIM scheduler with zero terminal SNR and
-v-prediction). The shipped model was made by this one command (seed 0, one CPU thread; 7,000 UNet steps at about
-2.6 steps/s alone, 60 min while another job shared the machine, plus 11 min for rendering, the VAE and the latents):
+v-prediction). The shipped model was made by this one command (seed 0, two CPU threads; 7,000 UNet steps at about
+3.3 steps/s alone, 35 min, plus 11 min for rendering, the VAE and the latents, measured on one thread):
 
     python examples/toy_world/train_toy_model.py
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--localize", type=float, default=0.01, help="weight of the attention localization term")
     parser.add_argument("--text-layers", type=int, default=0, help="transformer layers of the text encoder")
     parser.add_argument("--checkpoint-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--random-colors", type=float, default=0.0,
         help="share of training scenes whose objects get a random off-palette color (captioned without a color)",

@@ -32,7 +32,7 @@ def test_reader_reads_a_known_scene():
 def test_concept_similarity(name):
     concept = CONCEPTS[name]
     own = concept_similarity(concept.photos(), concept)
-    assert min(own) > 0.9
+    assert min(own) > 0.8
     elsewhere = [
         render(Scene(bg, (concept.object(pos),), seed=7)) for bg, pos in (("beach", "left"), ("night", "right"))
     ]
@@ -41,4 +41,4 @@ def test_concept_similarity(name):
         render(Scene(concept.background, (ToyObject(concept.class_word, c, concept.position),), seed=7))
         for c in ("red", "white", "blue", "orange")
     ]
-    assert max(concept_similarity(plain, concept)) < 0.3
+    assert max(concept_similarity(plain, concept)) < 0.05  # a one-color object lacks a main color

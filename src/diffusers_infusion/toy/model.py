@@ -4,12 +4,15 @@
 them and saves a ``StableDiffusionPipeline`` folder; :func:`load_toy_pipeline` loads the trained one shipped in
 ``examples/toy_world/model``.
 
-Sizes: images 64x64x3 -> VAE latents 8x16x16 (two downsamplings); UNet with cross-attention at 8x8 and 4x4 (and its
-mid block);
-a CLIP text encoder of width 64 over the world's vocabulary (one token per word).
+Sizes: images 64x64x3 -> VAE latents 8x16x16 (two downsamplings); UNet with cross-attention at 16x16 and 8x8 (and its
+mid block), none at 4x4; a CLIP text encoder of width 64 over the world's vocabulary (one token per word).
 
-Two choices make the toy model behave like Stable Diffusion where Infusion depends on it:
+Three choices make the toy model behave like Stable Diffusion where Infusion depends on it:
 
+- Cross-attention sits at the finest resolutions, as in SD 1.5 (whose coarsest level has none). A method that acts
+  through cross-attention (Infusion, Custom Diffusion, Perfusion) can then paint a concept's look at the latent's own
+  resolution; with cross-attention only at 8x8 and 4x4, none of them could draw a two-color look that DreamBooth,
+  which changes every layer, could.
 - The text encoder has no transformer layers (token + position embedding, final layer norm). With a contextual
   encoder this small, the padding tokens after the prompt summarize the whole sentence and the UNet learns to
   read everything from them, so no word gets a localized cross-attention map; with none, the object's class word
@@ -53,10 +56,10 @@ UNET_CONFIG: dict = dict(
     out_channels=8,
     layers_per_block=1,
     block_out_channels=(32, 64, 128),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),  # as in SD: cross-attention
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),  # at the finest resolutions
     cross_attention_dim=64,
-    attention_head_dim=4,
+    attention_head_dim=(2, 4, 4),  # heads per block; two at 16x16 keep the step as fast as the 8x8-only model
     norm_num_groups=16,
 )
 
