@@ -42,3 +42,18 @@ def test_concept_similarity(name):
         for c in ("red", "white", "blue", "orange")
     ]
     assert max(concept_similarity(plain, concept)) < 0.05  # a one-color object lacks a main color
+
+
+def test_concept_similarity_asks_for_every_main_color(monkeypatch):
+    """The concept's look painted in its first main color only (band and body alike) is not the concept."""
+    from diffusers_infusion.toy import concepts
+    from diffusers_infusion.toy.world import PATTERNS
+
+    concept = CONCEPTS["my_cat"]
+    base, _, mark = concept.colors
+    monkeypatch.setitem(PATTERNS, "one_color_cat", concepts._PAINTERS["my_cat"](base, base, mark))
+    obj = ToyObject("cat", "white", concept.position, concept.size, pattern="one_color_cat")
+    one_color = render(Scene(concept.background, (obj,), seed=1))
+    own = render(Scene(concept.background, (concept.object(),), seed=1))
+    assert concept_similarity([one_color], concept)[0] < 0.05
+    assert concept_similarity([own], concept)[0] > 0.8
