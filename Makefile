@@ -24,7 +24,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests examples benchmarks
 
 docs: install
-	$(VENV)/bin/mkdocs build --strict -q -d site
+	$(VENV)/bin/mkdocs build --strict -d site  # not -q: it hides the warnings that --strict counts
 
 test: install lint docs
 	$(PY) -m pytest -q -p no:cacheprovider

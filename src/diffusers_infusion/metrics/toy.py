@@ -14,11 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..toy.concepts import concept_similarity as toy_concept_similarity
 from ..toy.reader import Reading
 from ..toy.world import BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, POSITIONS
 from .images import ImageBatch
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+    from ..toy.concepts import ToyConcept
 
 __all__ = [
     "NamedObject",
@@ -116,7 +122,7 @@ def toy_text_alignment(
     return sum(toy_prompt_matches(p, r) for p, r in zip(prompts, readings)) / n
 
 
-def toy_reconstruction_similarity(vae, concept) -> float:
+def toy_reconstruction_similarity(vae: AutoencoderKL, concept: ToyConcept | str) -> float:
     """Concept similarity of the VAE's own reconstructions of the concept's photos: the most any method can score.
 
     Every method learns from the photos' latents and every image is decoded by the same VAE, so what the VAE
