@@ -219,7 +219,8 @@ def run(args: argparse.Namespace) -> None:
             cls = METHODS[method_name]
             options = {"identifier": "my"} if method_name in ("dreambooth", "dreambooth_lora") else {}
             torch.manual_seed(args.seed)  # initial weights drawn at construction (e.g. LoRA's)
-            method = cls(base, class_word=concept.class_word, learning_rate=cls.toy_learning_rate, **options)
+            lr = cls.toy_learning_rate if args.learning_rate is None else args.learning_rate
+            method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
             train_and_measure(method, data, evaluator, results=results, concept=name, args=args)
         shown = evaluator.scene_prompts[:: args.scene_images][:2]
         for i in range(len(shown)):
@@ -364,6 +365,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--inference-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="one learning rate for every method in --methods (default: each method's toy_learning_rate)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "overfitting")
     parser.add_argument("--quick", action="store_true", help="my_cat, 100 and 200 steps, fewer samples")

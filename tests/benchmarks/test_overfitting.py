@@ -50,3 +50,28 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
 
     overfitting.main(args)  # a rerun skips what is done
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--learning-rate", "0.003"], 0.003)])
+def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkeypatch, flag, expected):
+    """``--learning-rate`` trains every chosen method at that rate; without it each uses its toy_learning_rate."""
+    import PIL.Image
+
+    from diffusers_infusion.baselines import METHODS
+
+    class NoEvaluation:
+        def __init__(self, base, concept, args):
+            self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
+
+        def reference_row(self):
+            return {}
+
+    seen = {}
+    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
+    monkeypatch.setattr(
+        overfitting, "train_and_measure", lambda method, *a, **k: seen.update({method.name: method.learning_rate})
+    )
+    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    methods = ["infusion", "dreambooth"]
+    overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path), *flag])
+    assert seen == {m: expected or METHODS[m].toy_learning_rate for m in methods}
