@@ -207,6 +207,7 @@ def run(args: argparse.Namespace) -> None:
             continue
         base = load_toy_pipeline()
         evaluator = Evaluator(base, concept, args)
+        _save_base_cells(evaluator, out / "cells", name, args.scene_images)  # the grid's first column, up front
         data = load_instance_data(CONCEPTS_DIR / name, concept.class_word, resolution=64)
         if (name, "base") not in done:
             _drop(results, name, "base")
@@ -222,10 +223,14 @@ def run(args: argparse.Namespace) -> None:
             lr = cls.toy_learning_rate if args.learning_rate is None else args.learning_rate
             method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
             train_and_measure(method, data, evaluator, results=results, concept=name, args=args)
-        shown = evaluator.scene_prompts[:: args.scene_images][:2]
-        for i in range(len(shown)):
-            evaluator.base_scene[i * args.scene_images].save(out / "cells" / f"{name}_base_0_{i}.png")
-        (out / "cells" / f"{name}_prompts.json").write_text(json.dumps(shown))
+
+
+def _save_base_cells(evaluator: Evaluator, cells: Path, name: str, per_prompt: int) -> None:
+    """The base model's images of the grid's two prompts, and the prompts, for the report's grid."""
+    shown = evaluator.scene_prompts[::per_prompt][:2]
+    for i in range(len(shown)):
+        evaluator.base_scene[i * per_prompt].save(cells / f"{name}_base_0_{i}.png")
+    (cells / f"{name}_prompts.json").write_text(json.dumps(shown))
 
 
 def _drop(path: Path, concept: str, method: str) -> None:

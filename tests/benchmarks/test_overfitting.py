@@ -54,7 +54,9 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
 
 @pytest.mark.parametrize("flag, expected", [([], None), (["--learning-rate", "0.003"], 0.003)])
 def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkeypatch, flag, expected):
-    """``--learning-rate`` trains every chosen method at that rate; without it each uses its toy_learning_rate."""
+    """``--learning-rate`` trains every chosen method at that rate; without it each uses its toy_learning_rate.
+
+    Also: the base model's grid cells are on disk before the first method trains."""
     import PIL.Image
 
     from diffusers_infusion.baselines import METHODS
@@ -66,11 +68,14 @@ def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkey
         def reference_row(self):
             return {}
 
-    seen = {}
+    seen, base_cell = {}, tmp_path / "cells" / "my_cat_base_0_0.png"
+
+    def train_and_measure(method, *args, **kwargs):
+        assert base_cell.exists()  # the grid's base column is written before any training (a cut run keeps it)
+        seen[method.name] = method.learning_rate
+
     monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
-    monkeypatch.setattr(
-        overfitting, "train_and_measure", lambda method, *a, **k: seen.update({method.name: method.learning_rate})
-    )
+    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
     monkeypatch.setattr(overfitting, "report", lambda args: None)
     methods = ["infusion", "dreambooth"]
     overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path), *flag])
