@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,6 +32,28 @@ def test_inference_benchmark_reports_every_method():
         assert len(row) == 8 and row[3].endswith("x") and row[7].endswith("x")
         assert float(row[6]) > 100  # total peak RSS in MB: the weights and torch are in it
     assert rows[0][3] == "1.00x" and rows[0][7] == "1.00x"  # plain is the baseline of its own run
+
+
+def test_inference_benchmark_compiled_reports_no_recompile_on_concept_swap():
+    """--compile (aot_eager here; inductor on a GPU) in bfloat16 (fp16 on a GPU): sequential is skipped, and a
+    concept swap compiles nothing new."""
+    rows = run_script("inference.py", "--batch", "1", "--steps", "1", "--repeats", "1", "--dtype", "bfloat16",
+                      "--methods", "plain", "exact", "sequential", "--compile", "aot_eager")  # fmt: skip
+    assert [r[1] for r in rows] == ["plain", "exact"]
+    assert [r[8] for r in rows] == ["-", "False"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--device", "cuda:7"], "--device cuda:7"), (["--dtype", "float16"], "--dtype float16")],
+)
+def test_inference_benchmark_refuses_what_the_machine_cannot_run(argv, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: both settings are valid here")
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--model", "tiny", *argv],
+                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
 
 
 def test_training_benchmark_reports_every_method():
