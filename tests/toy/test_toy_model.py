@@ -6,11 +6,6 @@ import pytest
 import torch
 
 from diffusers_infusion.toy.model import TOY_MODEL_DIR
-from diffusers_infusion.toy.reader import READER_PATH
-
-pytestmark = pytest.mark.skipif(
-    not (TOY_MODEL_DIR / "model_index.json").exists() or not READER_PATH.exists(), reason="toy model not trained yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +25,25 @@ def test_model_folder_is_small_and_complete(toy_pipe):
     blocks = [n for n, m in toy_pipe.unet.named_modules() if n.endswith("attn2")]
     resolutions = {n.split(".attentions")[0] for n in blocks}
     assert len(resolutions) >= 2
+
+
+def test_loads_as_an_infusion_pipeline_and_leaves_other_prompts_untouched(toy_pipe):
+    """``InfusionPipeline.from_pretrained(<the folder>)`` just works: a concept changes "a cat", not "a red car"."""
+    from diffusers_infusion import InfusionConcept, InfusionPipeline
+
+    pipe = InfusionPipeline.from_pretrained(str(TOY_MODEL_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    concept = InfusionConcept.zeros(pipe.unet, "cat")
+    gen = torch.Generator().manual_seed(0)
+    concept.residuals = {k: torch.randn(v.shape, generator=gen) for k, v in concept.residuals.items()}
+    pipe.load_infusion_concept(concept, "my_cat")
+
+    def latents(p, prompt):
+        out = p(prompt, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(1))
+        return out.images
+
+    assert torch.equal(latents(pipe, "a red car on grass"), latents(toy_pipe, "a red car on grass"))
+    assert not torch.allclose(latents(pipe, "a cat on snow"), latents(toy_pipe, "a cat on snow"), atol=1e-3)
 
 
 def test_follows_text_on_held_out_combinations(toy_pipe):

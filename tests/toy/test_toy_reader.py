@@ -5,10 +5,8 @@ from __future__ import annotations
 import pytest
 
 from diffusers_infusion.toy.concepts import CONCEPTS, concept_similarity
-from diffusers_infusion.toy.reader import READER_PATH, read_images, reader_accuracy
+from diffusers_infusion.toy.reader import read_images, reader_accuracy
 from diffusers_infusion.toy.world import Scene, ToyObject, render, sample_scene
-
-pytestmark = pytest.mark.skipif(not READER_PATH.exists(), reason="reader weights not trained yet")
 
 FRESH_SEED = 20_000_000  # neither the reader's training nor its evaluation in train_reader.py used these
 

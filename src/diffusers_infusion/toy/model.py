@@ -135,7 +135,7 @@ def load_toy_pipeline(path: str | Path | None = None, *, pipeline_cls=None, dtyp
         path: Model folder; the shipped one when None.
         pipeline_cls: Pipeline class to load into (``StableDiffusionPipeline`` when None; an
             ``InfusionPipeline`` works the same way).
-        dtype: Weights dtype after loading (the folder stores fp16 weights; fp32 is the CPU default).
+        dtype: Weights dtype after loading (the folder stores fp32 weights, 13.8 MB; fp32 is the CPU default).
     """
     if pipeline_cls is None:
         from diffusers import StableDiffusionPipeline
