@@ -55,10 +55,16 @@ class Memory:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.start_mb = 0.0
 
-    def start(self) -> None:
+    def sync(self) -> None:
+        """Wait for queued CUDA work, so that a timer reads finished calls."""
         if self.cuda:
             torch.cuda.synchronize()
+
+    def start(self) -> None:
+        self.sync()
+        if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             self.start_mb = torch.cuda.memory_allocated() / 2**20
         else:
@@ -126,16 +132,16 @@ def worker(args: argparse.Namespace) -> None:
         return naive_infusion_latents(pipe, prompt, [(residuals, 1.0, positions)], latents=noise,
                                       num_inference_steps=args.steps, guidance_scale=7.5)  # fmt: skip
 
-    memory, sync = Memory(device), (torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    memory = Memory(device)
     with torch.no_grad():
         call()  # warm-up (and compilation)
         memory.start()
         times = []
         for _ in range(args.repeats):
-            sync()
+            memory.sync()
             start = time.perf_counter()
             call()
-            sync()
+            memory.sync()
             times.append(time.perf_counter() - start)
         peak = memory.peak()
         recompiled = None

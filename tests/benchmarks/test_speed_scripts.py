@@ -16,10 +16,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_script(name: str, *argv: str) -> list[list[str]]:
+def run(name: str, *argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), "--model", "tiny", "--threads", "1", *argv],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    script = str(ROOT / "benchmarks" / name)
+    return subprocess.run([sys.executable, script, "--model", "tiny", "--threads", "1", *argv],
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+
+
+def run_script(name: str, *argv: str) -> list[list[str]]:
+    out = run(name, *argv)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line.strip("| ").split(" | ") for line in out.stdout.splitlines() if line.startswith("| ")]
     return [r for r in rows if not r[0].startswith("---") and r[0] not in ("batch", "method")]
@@ -50,9 +55,7 @@ def test_inference_benchmark_compiled_reports_no_recompile_on_concept_swap():
 def test_inference_benchmark_refuses_what_the_machine_cannot_run(argv, message):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: both settings are valid here")
-    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "inference.py"), "--model", "tiny", *argv],
-                         capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    out = run("inference.py", *argv)
     assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr
 
 

@@ -27,20 +27,16 @@ def test_model_folder_is_small_and_complete(toy_pipe):
     assert len(resolutions) >= 2
 
 
-def test_loads_as_an_infusion_pipeline_and_leaves_other_prompts_untouched(toy_pipe):
+def test_loads_as_an_infusion_pipeline_and_leaves_other_prompts_untouched(toy_pipe, make_concept, gen):
     """``InfusionPipeline.from_pretrained(<the folder>)`` just works: a concept changes "a cat", not "a red car"."""
-    from diffusers_infusion import InfusionConcept, InfusionPipeline
+    from diffusers_infusion import InfusionPipeline
 
     pipe = InfusionPipeline.from_pretrained(str(TOY_MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
-    concept = InfusionConcept.zeros(pipe.unet, "cat")
-    gen = torch.Generator().manual_seed(0)
-    concept.residuals = {k: torch.randn(v.shape, generator=gen) for k, v in concept.residuals.items()}
-    pipe.load_infusion_concept(concept, "my_cat")
+    pipe.load_infusion_concept(make_concept(pipe.unet, "cat"), "my_cat")
 
     def latents(p, prompt):
-        out = p(prompt, num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(1))
-        return out.images
+        return p(prompt, num_inference_steps=4, output_type="latent", generator=gen(1)).images
 
     assert torch.equal(latents(pipe, "a red car on grass"), latents(toy_pipe, "a red car on grass"))
     assert not torch.allclose(latents(pipe, "a cat on snow"), latents(toy_pipe, "a cat on snow"), atol=1e-3)
