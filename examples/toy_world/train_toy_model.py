@@ -40,7 +40,14 @@ from accelerate import Accelerator  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_infusion.toy.model import build_toy_components  # noqa: E402
-from diffusers_infusion.toy.world import UNNAMED_LOOK_PREFIX, caption, is_held_out, render, sample_scene  # noqa: E402
+from diffusers_infusion.toy.world import (  # noqa: E402
+    LOOK_VOCABULARY,
+    UNNAMED_LOOK_PREFIX,
+    caption,
+    is_held_out,
+    render,
+    sample_scene,
+)
 
 logger = logging.getLogger("train_toy_model")
 
@@ -56,6 +63,10 @@ def excluded(obj, background: str) -> bool:
     return is_held_out(obj.cls, obj.color, background)
 
 
+#: Toy world 2's recipe (``--world 2``); the first world's is the parser's defaults.
+WORLD2_DEFAULTS = dict(
+    look_prob=0.5, text_layers=1, num_images=30000, vae_steps=1500, steps=5500, work_dir=Path("out/toy_world2_train")
+)
 N_LOOKS = 512  # plain off-palette looks ``rgb-<k>`` (UNNAMED_LOOK_PREFIX) for --random-colors
 
 
@@ -89,13 +100,13 @@ def with_random_looks(scene, share: float, seed: int):
     return replace(scene, objects=objects)
 
 
-def render_dataset(n: int, seed: int, path: Path, *, random_colors: float = 0.0) -> dict:
-    """Render ``n`` training scenes (held-out combinations excluded) and cache them at ``path``."""
+def render_dataset(n: int, seed: int, path: Path, *, random_colors: float = 0.0, look_prob: float = 0.0) -> dict:
+    """Render ``n`` training scenes (held-out combinations and looks excluded) and cache them at ``path``."""
     if path.exists():
         return torch.load(path, weights_only=False)
     scenes, images = [], []
     for i in tqdm(range(n), desc="render", mininterval=5):
-        scene = sample_scene(seed * 1_000_003 + i, exclude=excluded)
+        scene = sample_scene(seed * 1_000_003 + i, exclude=excluded, look_prob=look_prob)
         if random_colors > 0:
             scene = with_random_looks(scene, random_colors, seed * 1_000_003 + i)
         scenes.append(scene)
@@ -213,15 +224,21 @@ def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, words: torc
 
 
 def object_words(scenes: list, texts: list[str], ids: torch.Tensor, tokenizer) -> torch.Tensor:
-    """(B, T) mask of the tokens naming the one object of single-object scenes (two-object scenes: none)."""
+    """(B, T) mask of the tokens naming the one object of single-object scenes (two-object scenes: none).
+
+    The object's words are its class, its colors and the words of its look (pattern and mark words).
+    """
     words = torch.zeros(ids.shape)
     for b, (scene, text) in enumerate(zip(scenes, texts)):
         if len(scene.objects) != 1 or not text:
             continue
         obj = scene.objects[0]
-        for word in (obj.cls, obj.color):
+        named = {obj.cls, obj.color}
+        if obj.look is not None:
+            named |= {obj.look.a, obj.look.b, *LOOK_VOCABULARY} | ({obj.look.mark_color} if obj.look.mark else set())
+        for word in named:
             words[b] += (ids[b] == tokenizer.convert_tokens_to_ids(word + "</w>")).float()
-    return words
+    return words.clamp(max=1.0)
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -332,25 +349,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--noise-offset", type=float, default=0.0, help="std of a per-channel constant added to noise")
     parser.add_argument("--localize", type=float, default=0.01, help="weight of the attention localization term")
     parser.add_argument("--text-layers", type=int, default=0, help="transformer layers of the text encoder")
+    parser.add_argument("--look-prob", type=float, default=0.0, help="share of objects wearing a look (toy world 2)")
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--random-colors", type=float, default=0.0,
         help="share of training scenes whose objects get a random off-palette color (captioned without a color)",
     )  # fmt: skip
+    parser.add_argument(
+        "--world", type=int, choices=(1, 2), default=1,
+        help="2: toy world 2's recipe (looks on half the objects, a one-layer text encoder, UNet 48/64/128 with 4 "
+        "heads, 30,000 images, VAE 1,500 steps, UNet 5,500 steps); explicit options still win",
+    )  # fmt: skip
+    if parser.parse_known_args(argv)[0].world == 2:
+        parser.set_defaults(**WORLD2_DEFAULTS)
     args = parser.parse_args(argv)
+    if args.look_prob > 0 and args.world != 2:
+        parser.error(f"--look-prob {args.look_prob} needs --world 2 (its tokenizer knows the words of looks)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.time()
     accelerator = Accelerator()
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
-    comps = build_toy_components(args.seed, text_layers=args.text_layers)
+    comps = build_toy_components(args.seed, text_layers=args.text_layers, looks=args.world == 2)
     if args.random_colors > 0:
         register_random_looks(args.seed)  # before rendering or re-rendering (masks) any scene that uses them
-    data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt", random_colors=args.random_colors)
+    looks = {"random_colors": args.random_colors, "look_prob": args.look_prob}
+    data = render_dataset(args.num_images, args.seed, args.work_dir / "data.pt", **looks)
     masks = object_masks(data["scenes"], args.work_dir / "masks.pt")
     vae = train_vae(accelerator, comps["vae"], data["images"], masks, args, args.work_dir / "vae.ckpt")
+    vae.save_pretrained(args.work_dir / "vae")  # usable at once, e.g. by train_reader.py while the UNet trains
     latents = encode_latents(vae, data["images"], args.work_dir / "latents.pt")
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)

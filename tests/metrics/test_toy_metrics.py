@@ -36,6 +36,15 @@ def test_parse_binds_colors_positions_and_personal_concepts():
     assert parse_toy_prompt("a photo") == ([], None)
 
 
+def test_parse_reads_looks_as_part_of_their_object():
+    objects, _ = parse_toy_prompt("a photo of an orange and blue cat on the left on grass")
+    assert objects == [NamedObject("cat", "orange", "left")]  # the first color: the one the reader reads
+    objects, _ = parse_toy_prompt("a dog with a red left side and a yellow right side and a cup on the right")
+    assert objects == [NamedObject("dog"), NamedObject("cup", None, "right")]  # "left side" is no position
+    objects, _ = parse_toy_prompt("a red car with a white heart and a blue cup")
+    assert objects == [NamedObject("car", "red"), NamedObject("cup", "blue")]  # the mark's color binds to nothing
+
+
 def test_a_reading_matches_only_what_the_prompt_names():
     reading = _reading("beach", ("cat", "red", "left"), ("dog", "blue", "right"))
     assert toy_prompt_matches("a cat on the beach", reading)

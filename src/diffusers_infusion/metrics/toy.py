@@ -13,12 +13,13 @@ much each image's object looks like a personal concept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..toy.concepts import concept_similarity as toy_concept_similarity
+from ..toy.looks import MARKS
 from ..toy.reader import Reading
-from ..toy.world import BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, POSITIONS
+from ..toy.world import BACKGROUND_PHRASES, BACKGROUNDS, CLASSES, COLORS, LOOK_VOCABULARY, POSITIONS
 from .images import ImageBatch
 
 if TYPE_CHECKING:
@@ -46,6 +47,10 @@ class NamedObject:
     personal: bool = False  # "my cat": a personal concept, whose look is not one of the world's colors
 
 
+_MARK_WORDS = frozenset(MARKS)
+_PATTERN_WORDS = frozenset(LOOK_VOCABULARY) - _MARK_WORDS  # band, side, top, bottom, split, ...
+
+
 def _background_words() -> dict[str, str]:
     """Word that names each background in a prompt ("brick" for "by a brick wall")."""
     words = {b: b for b in BACKGROUNDS}
@@ -57,24 +62,31 @@ def _background_words() -> dict[str, str]:
 def parse_toy_prompt(prompt: str) -> tuple[list[NamedObject], str | None]:
     """The objects and the background a toy-world prompt names.
 
-    A color word binds to the next class word ("a red cat and a blue dog"), "my" marks a personal concept, and a
-    position word ("left", "center", "right") binds to the last object named before it ("a cat on the left").
+    A color word binds to the next class word ("a red cat and a blue dog"; of two, "an orange and blue cat", the
+    first, which the reader reads as the object's color), "my" marks a personal concept, and a position word
+    ("left", "center", "right") binds to the last object named before it ("a cat on the left"). Words of a look
+    after a class word ("a cat with a blue band", "a dog with a red left side") describe that object: its color is
+    then not checked (its two colors are the pattern's), and the colors in the look bind to nothing else.
     """
     words = prompt.lower().replace(",", " ").replace(".", " ").split()
     objects: list[NamedObject] = []
     background = None
-    color, personal = None, False
-    for word in words:
+    colors: list[str] = []
+    personal = False
+    for i, word in enumerate(words):
         if word in COLORS:
-            color = word
+            colors.append(word)
         elif word == "my":
             personal = True
         elif word in CLASSES:
-            objects.append(NamedObject(word, None if personal else color, None, personal))
-            color, personal = None, False
-        elif word in POSITIONS and objects:
-            last = objects[-1]
-            objects[-1] = NamedObject(last.cls, last.color, word, last.personal)
+            objects.append(NamedObject(word, None if personal or not colors else colors[0], None, personal))
+            colors, personal = [], False
+        elif word in _MARK_WORDS or word in _PATTERN_WORDS:
+            if word in _PATTERN_WORDS and objects:
+                objects[-1] = replace(objects[-1], color=None)
+            colors = []
+        elif word in POSITIONS and objects and (i + 1 == len(words) or words[i + 1] != "side"):
+            objects[-1] = replace(objects[-1], position=word)
         elif word in _background_words() and background is None:
             background = _background_words()[word]
     return objects, background

@@ -2,6 +2,7 @@
 
 - :mod:`.world`: 64x64 scenes (5 classes, 8 colors, 5 textured backgrounds, 3 positions, 2 sizes, up to two
   objects) rendered deterministically from attributes, and their captions.
+- :mod:`.looks`: toy world 2's looks (patterns in two colors, marks), their captions and the held-out looks.
 - :mod:`.reader`: a tiny CNN that reads background, class, color and position back off an image.
 - :mod:`.concepts`: personal concepts (``my_cat``, ``my_dog``, ``my_teddy``, ``my_cup``) and the concept-similarity
   score.

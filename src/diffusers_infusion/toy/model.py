@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 
 from ..tiny import build_clip_tokenizer
-from .world import VOCABULARY
+from .world import LOOK_VOCABULARY, VOCABULARY
 
 #: Where the trained toy model lives in a checkout of the repository.
 TOY_MODEL_DIR = Path(__file__).resolve().parents[3] / "examples" / "toy_world" / "model"
 
 MAX_TOKENS = 24  # padded prompt length; the world's longest caption has 21 tokens with start and end
+MAX_TOKENS_LOOKS = 32  # with looks (toy world 2) the longest caption has 29
 
 VAE_CONFIG: dict = dict(
     in_channels=3,
@@ -63,6 +64,9 @@ UNET_CONFIG: dict = dict(
     norm_num_groups=16,
 )
 
+#: Toy world 2 (looks): more heads and wider values at the finest level (4 x 12 at 16x16, 4 x 16 at 8x8, 4 x 32 mid).
+UNET_CONFIG_LOOKS: dict = {**UNET_CONFIG, "block_out_channels": (48, 64, 128), "attention_head_dim": (4, 4, 4)}
+
 TEXT_CONFIG: dict = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -88,17 +92,25 @@ SCHEDULER_CONFIG: dict = dict(
 )
 
 
-def build_toy_tokenizer():
-    """The world's ``CLIPTokenizer``: every word of :data:`~diffusers_infusion.toy.world.VOCABULARY` is one token."""
+def build_toy_tokenizer(*, looks: bool = False):
+    """The world's ``CLIPTokenizer``: every word of :data:`~diffusers_infusion.toy.world.VOCABULARY` is one token.
+
+    Args:
+        looks: Toy world 2: also the words of looks (:data:`~diffusers_infusion.toy.world.LOOK_VOCABULARY`), and
+            prompts padded to :data:`MAX_TOKENS_LOOKS`.
+    """
+    if looks:
+        return build_clip_tokenizer(VOCABULARY + LOOK_VOCABULARY, model_max_length=MAX_TOKENS_LOOKS)
     return build_clip_tokenizer(VOCABULARY, model_max_length=MAX_TOKENS)
 
 
-def build_toy_components(seed: int = 0, *, text_layers: int = 0) -> dict:
+def build_toy_components(seed: int = 0, *, text_layers: int = 0, looks: bool = False) -> dict:
     """Fresh, seeded, untrained components for ``StableDiffusionPipeline(**components)``.
 
     Args:
         seed: Seed of the initial weights.
         text_layers: Transformer layers of the text encoder (0 for the shipped model).
+        looks: Toy world 2's components: the tokenizer with the words of looks, :data:`UNET_CONFIG_LOOKS`.
 
     Returns:
         A dict with ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler`` (DDIM), ``safety_checker``
@@ -107,15 +119,14 @@ def build_toy_components(seed: int = 0, *, text_layers: int = 0) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_toy_tokenizer()
+    tokenizer = build_toy_tokenizer(looks=looks)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**VAE_CONFIG)
     torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**(UNET_CONFIG_LOOKS if looks else UNET_CONFIG))
     torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), **{**TEXT_CONFIG, "num_hidden_layers": text_layers})
-    )
+    text = {**TEXT_CONFIG, "num_hidden_layers": text_layers, "max_position_embeddings": tokenizer.model_max_length}
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), **text))
     return {
         "unet": unet,
         "vae": vae,

@@ -16,9 +16,13 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+if TYPE_CHECKING:
+    from .looks import Look
 
 SIZE = 64  # image side in pixels
 _SS = 2  # supersampling factor for drawing
@@ -53,6 +57,10 @@ VOCABULARY: tuple[str, ...] = (
     "a", "an", "the", "photo", "picture", "of", "on", "in", "at", "by", "and", "with", "next", "to", "my", "wall",
     *CLASSES, *COLORS, *BACKGROUNDS, *POSITIONS, *SIZES,
 )  # fmt: skip
+#: The words of looks' captions (toy world 2, see :mod:`~diffusers_infusion.toy.looks`): patterns and marks.
+LOOK_VOCABULARY: tuple[str, ...] = (
+    "band", "side", "top", "bottom", "split", "diagonally", "into", "star", "heart", "badge", "square",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,8 +72,10 @@ class ToyObject:
         color: Color name (one of :data:`COLORS`), ignored when ``pattern`` is given.
         position: ``left``, ``center`` or ``right``.
         size: ``small`` or ``big``.
-        pattern: Optional name of a personal concept's look (see :mod:`~diffusers_infusion.toy.concepts`);
-            the object is then painted with that concept's pattern instead of a plain color.
+        pattern: Optional name of a registered painter (:data:`PATTERNS`: a personal concept's name, which also
+            makes the caption say "my cat", or an unnamed ``rgb-`` look).
+        look: Optional :class:`~diffusers_infusion.toy.looks.Look` (a pattern in two colors and a mark) the object
+            is painted with; ``color`` is then its first color.
     """
 
     cls: str
@@ -73,6 +83,7 @@ class ToyObject:
     position: str
     size: str = "big"
     pattern: str | None = None
+    look: Look | None = None
 
 
 @dataclass(frozen=True)
@@ -248,7 +259,12 @@ def _paint_object(canvas: Image.Image, obj: ToyObject, cx: float, cy: float) -> 
     mask = object_mask(obj, cx, cy)
     outline = mask.filter(ImageFilter.MaxFilter(5))
     canvas.paste((22, 22, 26), (0, 0), outline)
-    if obj.pattern is not None:
+    if obj.look is not None:
+        from .looks import paint_look
+
+        fill = Image.new("RGB", canvas.size)
+        paint_look(fill, obj.look, obj.cls, cx * _SS, cy * _SS, s * _SS)
+    elif obj.pattern is not None:
         fill = Image.new("RGB", canvas.size)
         PATTERNS[obj.pattern](fill, cx * _SS, cy * _SS, s * _SS)
     else:
@@ -300,6 +316,7 @@ def sample_scene(
     *,
     two_objects_prob: float = 0.25,
     exclude: Callable[[ToyObject, str], bool] | None = None,
+    look_prob: float = 0.0,
 ) -> Scene:
     """Draw a random scene (deterministic from ``seed``).
 
@@ -308,6 +325,8 @@ def sample_scene(
         two_objects_prob: Probability of two objects (then one on the left, one on the right, both small).
         exclude: Optional predicate ``exclude(obj, background)``; objects for which it is true are redrawn
             (used to hold attribute combinations out of the training data).
+        look_prob: Probability that an object gets a random :class:`~diffusers_infusion.toy.looks.Look` (toy
+            world 2), never a held-out one; 0 draws the world's first scenes exactly as before.
     """
     rng = random.Random(f"scene-{seed}")
     background = rng.choice(BACKGROUNDS)
@@ -320,13 +339,24 @@ def sample_scene(
             obj = ToyObject(rng.choice(CLASSES), rng.choice(list(COLORS)), pos, size)
             if exclude is None or not exclude(obj, background):
                 break
+        if look_prob > 0 and rng.random() < look_prob:
+            from .looks import random_look
+
+            obj = replace(obj, look=random_look(rng, obj.cls, obj.color))
         objects.append(obj)
     return Scene(background, tuple(objects), seed)
 
 
-def _object_phrase(obj: ToyObject, *, color: bool, size: bool) -> str:
-    words = ([obj.size] if size else []) + ([obj.color] if color and not obj.pattern else []) + [obj.cls]
+def _object_phrase(
+    obj: ToyObject, *, color: bool, size: bool, rng: random.Random | None = None, short: bool = False
+) -> str:
     personal = obj.pattern is not None and not obj.pattern.startswith(UNNAMED_LOOK_PREFIX)
+    if obj.look is not None and color and not personal:
+        from .looks import look_phrase
+
+        text = look_phrase(obj.cls, obj.look, rng=rng, size=obj.size if size else None, short=short)
+        return f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
+    words = ([obj.size] if size else []) + ([obj.color] if color and not obj.pattern else []) + [obj.cls]
     article = "my" if personal else ("an" if words[0][0] in "aeiou" else "a")
     return " ".join([article, *words])
 
@@ -354,12 +384,13 @@ def caption(
         prefix = rng.random() < 0.6
     objs = scene.objects
     if len(objs) == 1:
-        text = _object_phrase(objs[0], color=color, size=size)
+        text = _object_phrase(objs[0], color=color, size=size, rng=rng)
         if position:
             text += " " + POSITION_PHRASES[objs[0].position]
     else:  # the first object named is the one on the left
         left, right = sorted(objs, key=lambda o: POSITIONS[o.position])
-        text = f"{_object_phrase(left, color=color, size=False)} and {_object_phrase(right, color=color, size=False)}"
+        phrases = [_object_phrase(o, color=color, size=False, rng=rng, short=True) for o in (left, right)]
+        text = " and ".join(phrases)
     if background:
         text += " " + BACKGROUND_PHRASES[scene.background]
     return ("a photo of " + text) if prefix else text
