@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import PurePosixPath, PureWindowsPath
 
+import numpy as np
 import torch
 
 from .errors import ConceptNotFoundError, InfusionCallError, UnknownConceptError
@@ -146,12 +147,12 @@ def _position(value) -> int | None:
 
 
 def check_token_positions(indices, *, name: str) -> list[int]:
-    """Explicit token positions: an integer or a sequence (list, tuple, range, 1-D tensor) of integers."""
+    """Explicit token positions: an integer or a sequence (list, tuple, range, array, tensor) of integers."""
     single = _position(indices)
     if single is not None:
         return [single]
-    if isinstance(indices, torch.Tensor):
-        indices = indices.flatten().tolist() if not indices.is_floating_point() else indices.tolist()
+    if isinstance(indices, (torch.Tensor, np.ndarray)):  # arrays of integers (floats and bools stay refused)
+        indices = indices.reshape(-1).tolist()
     positions = (
         [_position(i) for i in indices]
         if isinstance(indices, (Sequence, range)) and not isinstance(indices, (str, bytes))
