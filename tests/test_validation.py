@@ -66,7 +66,7 @@ def test_misspelled_infusion_keywords_are_refused_with_the_valid_ones(cat_pipe, 
 # ------------------------------------------------------------------------------- item 7: coercions, raw errors
 @pytest.mark.parametrize("bad", ["12", [5.7], [True], 5.0, {"x": 1}])
 def test_token_indices_are_never_coerced(cat_pipe, bad):
-    with pytest.raises(InfusionCallError, match=r"infusion_token_indices\['cat'\]=.* not a list of integer"):
+    with pytest.raises(InfusionCallError, match=r"infusion_token_indices\['cat'\]=.* not a list of integers \(token"):
         cat_pipe("a cat", num_inference_steps=1, infusion_token_indices={"cat": bad})
 
 
@@ -80,10 +80,10 @@ def test_integer_token_indices_of_any_kind_work(cat_pipe, gen):
     "kwargs, match",
     [
         ({"infusion_concepts": ["cat"]}, r"infusion_concepts\[0\]='cat' must be a dict by concept name"),
-        ({"infusion_concepts": "cat"}, r"infusion_concepts='cat' must be a dict by concept name"),
+        ({"infusion_concepts": "cat"}, r"infusion_concepts='cat' must be a dict, a list of dicts"),
         ({"infusion_token_indices": [[5]]}, r"infusion_token_indices\[0\]=\[5\] must be a dict.*\[5\]"),
-        ({"infusion_concepts": {"cat": "1"}}, r"infusion_concepts\['cat'\]='1' is not a number"),
-        ({"infusion_concepts": {"cat": True}}, r"infusion_concepts\['cat'\]=True is not a number"),
+        ({"infusion_concepts": {"cat": "1"}}, r"infusion_concepts\['cat'\]='1' must be a number"),
+        ({"infusion_concepts": {"cat": True}}, r"infusion_concepts\['cat'\]=True must be a number"),
     ],
 )
 def test_per_call_arguments_of_the_wrong_type(cat_pipe, kwargs, match):
@@ -113,7 +113,7 @@ def test_loader_verbs_refuse_wrong_types_with_named_errors(pipe, make_concept, t
         pipe.set_infusion_concepts([7])
     with pytest.raises(InfusionCallError, match=r"names names \['cat'\] more than once"):
         pipe.set_infusion_concepts(["cat", "cat"], [1, 0])
-    with pytest.raises(InfusionCallError, match=r"strengths\[0\]='abc' is not a number"):
+    with pytest.raises(InfusionCallError, match=r"strengths\[0\]='abc' must be a number"):
         pipe.set_infusion_concepts(["cat"], ["abc"])
     with pytest.raises(InfusionCallError, match="strengths='abc' must be a number or a list"):
         pipe.set_infusion_concepts(["cat"], "abc")

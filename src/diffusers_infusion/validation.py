@@ -46,7 +46,7 @@ def check_strength(value, *, argument: str) -> float:
     """A finite strength of magnitude at most ``MAX_STRENGTH``, as a float."""
     number = _real(value)
     if number is None:
-        raise InfusionCallError(f"{argument}={value!r} is not a number. Pass a strength such as 1.0 (0.0 = off).")
+        raise InfusionCallError(f"{argument}={value!r} must be a number: a strength such as 1.0 (0.0 = off).")
     if not math.isfinite(number) or abs(number) > MAX_STRENGTH:
         raise InfusionCallError(
             f"{argument}={value!r} is not a usable strength: strengths must be finite numbers of magnitude at most "
@@ -120,8 +120,8 @@ def check_per_prompt(value, n_prompts: int, *, argument: str) -> list[Mapping | 
         entries = list(value)
     else:
         raise InfusionCallError(
-            f"{argument}={value!r} must be a dict by concept name, e.g. {example}, a list of such dicts (one per "
-            "prompt), or None."
+            f"{argument}={value!r} must be a dict, a list of dicts (one per prompt), or None; a dict by concept "
+            f"name, e.g. {example}."
         )
     for p, entry in enumerate(entries):
         if entry is not None and not isinstance(entry, Mapping):
@@ -160,8 +160,8 @@ def check_token_positions(indices, *, name: str) -> list[int]:
     )
     if None in positions:
         raise InfusionCallError(
-            f"infusion_token_indices[{name!r}]={indices!r} is not a list of integer positions (strings, floats and "
-            "bools are not converted). Pass token positions, e.g. {'my-cat': [5]}."
+            f"infusion_token_indices[{name!r}]={indices!r} is not a list of integers (token positions; strings, "
+            "floats and bools are not converted). Pass token positions, e.g. {'my-cat': [5]}."
         )
     return positions
 
