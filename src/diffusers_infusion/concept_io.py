@@ -90,7 +90,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             if len(head) < 9:
                 raise _corrupt(path, f"{size} bytes, shorter than a safetensors header")
             length = int.from_bytes(head[:8], "little")
-            if length > min(size - 8, MAX_HEADER_BYTES):
+            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
                 raise _corrupt(path, f"its header length field says {length} bytes, the file has {size}")
             raw = head[8:] + f.read(length - 1)
             try:
