@@ -66,7 +66,9 @@ def mutated(draw, data: bytes) -> bytes:
             out[draw(st.integers(lo, hi))] ^= draw(st.integers(1, 255))
         return bytes(out)
     if kind == "length field":
-        length = draw(st.integers(0, 2**64 - 1) | st.integers(header_end - 16, header_end + 16).map(lambda n: max(n, 0)))
+        length = draw(
+            st.integers(0, 2**64 - 1) | st.integers(header_end - 16, header_end + 16).map(lambda n: max(n, 0))
+        )
         return length.to_bytes(8, "little") + data[8:]
     # json edit
     names = [k for k in header if k != "__metadata__"]
@@ -76,7 +78,9 @@ def mutated(draw, data: bytes) -> bytes:
             st.sampled_from(["F16", "BF16", "F64", "I32", "I64", "BOOL", "U8", "F8_E4M3", "XX", ""]) | json_values
         )
     elif edit == "shape":
-        header[draw(st.sampled_from(names))]["shape"] = draw(st.lists(st.integers(-3, 2**40), max_size=3) | json_values)
+        header[draw(st.sampled_from(names))]["shape"] = draw(
+            st.lists(st.integers(-3, 2**40), max_size=3) | json_values
+        )
     elif edit == "offsets":
         header[draw(st.sampled_from(names))]["data_offsets"] = draw(
             st.lists(st.integers(-5, len(body) + 64), min_size=2, max_size=2) | json_values
