@@ -3,7 +3,9 @@
 Flags follow diffusers' own training scripts. Only the residuals Δ are trained; the base model stays frozen.
 Randomness is indexed by step (data order, timesteps, noise), so ``--resume_from_checkpoint latest`` continues to
 the same Δ, bit for bit, as an uninterrupted run, and the result does not depend on the number of processes.
-Checkpoints are written to a hidden folder and renamed into place, so a killed write is never resumed from.
+Checkpoints are written to a hidden folder and renamed into place, so a killed write is never resumed from, and
+carry a manifest (sizes and hashes), so a checkpoint damaged later is skipped by ``latest``. A diverged run (NaN or
+infinite loss or Δ) stops with an error before it writes anything non-finite.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam_weight_decay", type=float, default=0.0)
     p.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     p.add_argument("--checkpointing_steps", type=int, default=500)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many (>= 1).")
     p.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
     p.add_argument("--validation_prompt", action="append", default=None, help="Repeatable.")
     p.add_argument("--num_validation_images", type=int, default=2)
@@ -63,6 +65,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "checkpointing_steps", "validation_steps"):  # fmt: skip
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        p.error(
+            f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}. Leave it out to keep "
+            "every checkpoint."
+        )
     return args
 
 
@@ -79,26 +86,15 @@ def check_output_dir(output_dir: Path) -> None:
         ) from None
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-N``), oldest first; hidden ``.checkpoint-N.tmp`` folders are partial."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def find_resume_checkpoint(args: argparse.Namespace) -> Path | None:
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        found = list_checkpoints(Path(args.output_dir))
-        if not found:
-            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting fresh.", args.output_dir)
-        return found[-1] if found else None
-    path = Path(args.resume_from_checkpoint)
-    if not path.is_dir() or not path.name.split("-")[-1].isdigit():
-        raise SystemExit(
-            f"--resume_from_checkpoint '{path}' is not a checkpoint folder (checkpoint-N). Pass one, or 'latest'."
-        )
-    return path
+def check_finite(loss_value: float, deltas, step: int, args: argparse.Namespace) -> None:
+    """Stop a diverged run before it writes a checkpoint or a concept holding NaN or infinite values."""
+    if math.isfinite(loss_value) and all(bool(d.detach().isfinite().all()) for d in deltas):
+        return
+    what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else "Δ holds NaN or infinite values"
+    raise SystemExit(
+        f"Training diverged at step {step}: {what}. Lower --learning_rate (now {args.learning_rate:g}); the "
+        f"checkpoints already in '{args.output_dir}' were written before it and are intact."
+    )
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -116,14 +112,18 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from diffusers_infusion import InfusionConcept
+    from diffusers_infusion import CONCEPT_WEIGHT_NAME, InfusionConcept
     from diffusers_infusion.tokens import class_word_token_ids, find_class_word_positions
     from diffusers_infusion.training import (
         DEFAULT_TEMPLATES,
         InfusionResiduals,
         TrainingDataError,
+        check_caption_tokens,
+        find_resume_checkpoint,
         infusion_training_loss,
+        list_checkpoints,
         load_instance_data,
+        write_manifest,
     )
     from diffusers_infusion.training.report import log_validation, save_outputs
 
@@ -135,9 +135,15 @@ def main(argv: list[str] | None = None) -> None:
             instance_prompt=args.instance_prompt, templates=tuple(args.caption_templates or DEFAULT_TEMPLATES),
             mask_dir=args.mask_dir,
         )  # fmt: skip
+        load = dict(revision=args.revision)
+        tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load)
+        class_word_token_ids(tokenizer, args.class_word)
+        check_caption_tokens(data, tokenizer, args.class_word)  # by tokens: 'category' holds no 'cat'
     except TrainingDataError as error:
         raise SystemExit(str(error)) from None
-    resume_from = find_resume_checkpoint(args)
+    except ValueError as error:  # ClassWordError
+        raise SystemExit(f"--class_word: {error}") from None
+    resume_from = find_resume_checkpoint(output_dir, args.resume_from_checkpoint)
     check_output_dir(output_dir)
 
     # 2. Accelerator, frozen base model, trainable residuals.
@@ -150,12 +156,6 @@ def main(argv: list[str] | None = None) -> None:
         ),
     )
     set_seed(args.seed)
-    load = dict(revision=args.revision)
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", **load)
-    try:
-        class_word_token_ids(tokenizer, args.class_word)
-    except ValueError as error:
-        raise SystemExit(f"--class_word: {error}") from None
     text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", **load)
     vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", variant=args.variant,
                                         **load)  # fmt: skip
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
         weights.clear()
 
     def load_model_hook(models, folder):
-        concept = InfusionConcept.from_pretrained(folder)
+        concept = InfusionConcept.from_file(Path(folder) / CONCEPT_WEIGHT_NAME)
         while models:
             accelerator.unwrap_model(models.pop()).load_concept(concept)
 
@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.save_state(str(partial))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            write_manifest(partial)  # sizes and hashes: a checkpoint damaged later is found before resuming
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)  # the checkpoint appears whole, or not at all
             old = list_checkpoints(output_dir)
@@ -234,7 +235,13 @@ def main(argv: list[str] | None = None) -> None:
 
     first_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        try:
+            accelerator.load_state(str(resume_from))
+        except (OSError, RuntimeError, ValueError, EOFError) as error:  # a checkpoint from before manifests
+            raise SystemExit(
+                f"--resume_from_checkpoint: cannot load '{resume_from}' ({type(error).__name__}: {error}). Pass an "
+                "earlier checkpoint, or delete this one and pass 'latest'."
+            ) from None
         first_step = int(resume_from.name.split("-")[-1])
         logger.info("Resumed from %s at step %d.", resume_from, first_step)
     if accelerator.is_main_process:
@@ -272,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
                 lr_scheduler.step()
                 optimizer.zero_grad()
             loss_value = accelerator.reduce(loss.detach(), "mean").item()
+        check_finite(loss_value, accelerator.unwrap_model(model).deltas, step + 1, args)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")
         accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step + 1)

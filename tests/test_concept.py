@@ -75,7 +75,7 @@ def test_save_is_atomic_when_the_write_fails(pipe, make_concept, tmp_path, monke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("diffusers_infusion.concept.save_file", killed)
+    monkeypatch.setattr("diffusers_infusion.concept_io.os.fsync", killed)  # killed with the temp file written
     with pytest.raises(KeyboardInterrupt):
         make_concept(pipe.unet, "cat", seed=5)._save_pretrained(tmp_path)
     assert (tmp_path / CONCEPT_WEIGHT_NAME).read_bytes() == before

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -187,3 +188,89 @@ def test_bad_input_fails_clearly_and_writes_nothing(setup, case, match):
     with pytest.raises(SystemExit, match=match):
         train(setup, output, "--instance_data_dir", str(photos), *extra)
     assert not (setup / "out").exists()
+
+
+# ------------------------------------------------------------------------------- robustness (issue 16)
+def write_captions(setup, captions: list[str]) -> None:
+    with open(setup / "photos" / "metadata.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            f.write(json.dumps({"file_name": f"{i}.png", "text": caption}) + "\n")
+
+
+@pytest.mark.parametrize(
+    "captions, bad",
+    [
+        (["a photo of a category"] * 4, 0),  # 'cat' as a substring only
+        (["a photo of a cat"] * 3 + ["a photo of a category"], 3),  # one caption, fatal at batch 1
+        (["a photo of a cat"] * 3 + ["a photo of a " + "very " * 80 + "cat"], 3),  # cut off by truncation
+    ],
+)
+def test_captions_are_checked_by_tokens_before_training(setup, captions, bad):
+    write_captions(setup, captions)
+    match = rf"caption '.*' of photo '{bad}.png' \(line {bad + 1} of '.*metadata.jsonl'\) has no 'cat' token"
+    with pytest.raises(SystemExit, match=match):
+        train(setup, "out", "--train_batch_size", "1")
+    assert not (setup / "out").exists()
+
+
+@pytest.mark.parametrize("limit", ["-1", "0"])
+def test_checkpoints_total_limit_below_one_is_refused(setup, limit, capsys):
+    (setup / "out" / "checkpoint-3").mkdir(parents=True)  # an earlier run's checkpoint stays
+    with pytest.raises(SystemExit):
+        train(setup, "out", "--checkpoints_total_limit", limit)
+    assert f"--checkpoints_total_limit must be at least 1, got {limit}" in capsys.readouterr().err
+    assert (setup / "out" / "checkpoint-3").exists()
+
+
+def test_a_diverged_run_stops_with_a_named_error_and_keeps_its_checkpoints(setup):
+    with pytest.raises(SystemExit, match=r"Training diverged at step \d: .* Lower --learning_rate \(now 1e\+30\)"):
+        train(setup, "out", "--learning_rate", "1e30", "--checkpointing_steps", "1")
+    out = setup / "out"
+    assert not (out / CONCEPT_WEIGHT_NAME).exists()
+    for checkpoint in out.glob("checkpoint-*"):  # whatever was written is finite and loadable
+        assert all(torch.isfinite(t).all() for t in concept_at(checkpoint).residuals.values())
+
+
+def interrupted_run(setup, monkeypatch, output: str, after_micro_steps: int) -> Path:
+    import diffusers_infusion.training as training
+
+    original, calls = training.infusion_training_loss, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > after_micro_steps:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(training, "infusion_training_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(setup, output, "--checkpointing_steps", "2")
+    monkeypatch.setattr(training, "infusion_training_loss", original)
+    return setup / output
+
+
+@pytest.mark.parametrize("damage", ["delete optimizer", "truncate concept", "flip a byte"])
+def test_latest_skips_a_damaged_checkpoint_and_resumes_bit_for_bit(setup, monkeypatch, caplog, damage):
+    reference = concept_at(train(setup, "straight", "--checkpointing_steps", "2"))
+    out = interrupted_run(setup, monkeypatch, "resumed", after_micro_steps=5)  # checkpoints 2 and 4, killed at 6
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    broken = out / "checkpoint-4"
+    if damage == "delete optimizer":
+        (broken / "optimizer.bin").unlink()
+        match = "'optimizer.bin' is missing"
+    elif damage == "truncate concept":
+        (broken / CONCEPT_WEIGHT_NAME).write_bytes((broken / CONCEPT_WEIGHT_NAME).read_bytes()[:-10])
+        match = "truncated"
+    else:
+        data = bytearray((broken / CONCEPT_WEIGHT_NAME).read_bytes())
+        data[-3] ^= 0x40
+        (broken / CONCEPT_WEIGHT_NAME).write_bytes(bytes(data))
+        match = "is damaged"
+    with pytest.raises(SystemExit, match=f"--resume_from_checkpoint '.*checkpoint-4' is damaged: .*{match}"):
+        train(setup, "resumed", "--checkpointing_steps", "2", "--resume_from_checkpoint", str(broken))
+    with caplog.at_level(logging.WARNING):
+        train(setup, "resumed", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    assert any("Skipping" in r.getMessage() and "checkpoint-4" in r.getMessage() for r in caplog.records)
+    resumed = concept_at(out)
+    for name, tensor in reference.residuals.items():
+        assert torch.equal(resumed.residuals[name], tensor), name

@@ -3,33 +3,33 @@
 File format (``infusion_concept.safetensors``): one 1-D tensor per cross-attention layer, named by the layer's
 diffusers module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``), of length
 ``attn2.to_v.out_features``; ``__metadata__`` holds ``class_word``, ``base_model``, ``format``,
-``format_version``, ``library_version`` and ``dtype``. Loading never unpickles.
+``format_version``, ``library_version`` and ``dtype``. Loading never unpickles and reads the file into memory once
+(``concept_io.py``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from huggingface_hub.utils import validate_hf_hub_args, validate_repo_id
 
 from .attention import cross_attention_layers, value_size
-from .errors import ClassWordError, ConceptFileError, ConceptMismatchError, ConceptNotFoundError
+from .concept_io import PICKLE_SUFFIXES, atomic_save, read_safetensors, refuse_pickle
+from .errors import ClassWordError, ConceptMismatchError, ConceptNotFoundError, FileClassWordError
+from .validation import check_relative_path, check_source
 
 logger = logging.getLogger(__name__)
 
 CONCEPT_WEIGHT_NAME = "infusion_concept.safetensors"
 FORMAT_NAME = "infusion-concept"
 FORMAT_VERSION = "1"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch zip archives and raw pickles
+__all__ = ["CONCEPT_WEIGHT_NAME", "PICKLE_SUFFIXES", "InfusionConcept"]
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -62,24 +62,8 @@ Made with [diffusers-infusion]({{ repo_url }}).
 """
 
 
-def _refuse_pickle(path: str | Path) -> None:
-    raise ConceptFileError(
-        f"'{path}' is a pickle-based file, and diffusers-infusion never unpickles (it can run arbitrary code). "
-        "Convert it to safetensors in a trusted environment (load it, then `InfusionConcept(...).save_pretrained`) "
-        f"and load the '{CONCEPT_WEIGHT_NAME}' file instead."
-    )
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file so that a killed write never leaves a partial file under ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_refuse_pickle = refuse_pickle
+_atomic_save = atomic_save
 
 
 class InfusionConcept(
@@ -139,8 +123,8 @@ class InfusionConcept(
         return next(iter(self.residuals.values())).dtype
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> InfusionConcept:
-        """A copy with residuals converted to ``dtype`` and/or moved to ``device``."""
-        residuals = {k: v.detach().to(device=device, dtype=dtype) for k, v in self.residuals.items()}
+        """A copy (always: new tensors) with residuals converted to ``dtype`` and/or moved to ``device``."""
+        residuals = {k: v.detach().to(device=device, dtype=dtype, copy=True) for k, v in self.residuals.items()}
         return type(self)(self.class_word, residuals, base_model=self.base_model)
 
     def validate_for(self, unet: torch.nn.Module) -> None:
@@ -201,6 +185,7 @@ class InfusionConcept(
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
+    @validate_hf_hub_args
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -228,7 +213,7 @@ class InfusionConcept(
             class_word: Overrides (or supplies) the class word stored in the file.
         """
         path = cls._resolve_file(
-            str(pretrained_model_name_or_path),
+            check_source(pretrained_model_name_or_path),
             weight_name=weight_name,
             subfolder=subfolder,
             revision=revision,
@@ -241,34 +226,17 @@ class InfusionConcept(
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, class_word: str | None = None) -> InfusionConcept:
-        """Read a concept from a local ``.safetensors`` file, validating it on the way."""
+        """Read a concept from a local ``.safetensors`` file (into memory, once), validating it on the way.
+
+        Raises ``ConceptFileError`` (``ConceptNotFoundError`` for a missing file) for anything wrong with the file:
+        a folder, an unreadable, truncated or corrupt file, a pickle, tensors that are not one finite 1-D float
+        vector per layer, or no usable class word (then also a ``ClassWordError``).
+        """
         path = Path(path)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            _refuse_pickle(path)
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(_PICKLE_MAGIC):
-            _refuse_pickle(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-                residuals = {name: f.get_tensor(name) for name in f.keys()}
-        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise ConceptFileError(
-                f"'{path}' is not a readable safetensors file (truncated or corrupt?): {error}. Download it again "
-                "(force_download=True) or re-save the concept with `save_pretrained`."
-            ) from error
-        for name, tensor in residuals.items():
-            if tensor.ndim != 1 or not tensor.is_floating_point():
-                raise ConceptFileError(
-                    f"'{path}' is not an Infusion concept: tensor '{name}' has shape {tuple(tensor.shape)} and dtype "
-                    f"{tensor.dtype}; a concept holds one 1-D float vector per cross-attention layer."
-                )
-        if not residuals:
-            raise ConceptFileError(f"'{path}' holds no tensors; it is not an Infusion concept.")
-        word = class_word or metadata.get("class_word")
+        residuals, metadata = read_safetensors(path)
+        word = class_word or metadata.get("class_word", "").strip()
         if not word:
-            raise ClassWordError(
+            raise FileClassWordError(
                 f"'{path}' stores no class_word in its metadata. Pass it when loading, e.g. "
                 "`pipe.load_infusion_concept(..., class_word='cat')`."
             )
@@ -279,6 +247,8 @@ class InfusionConcept(
     @staticmethod
     def _resolve_file(name: str, *, weight_name: str | None, subfolder: str | None, **hub_kwargs) -> str:
         """Find the concept file for a file path, a folder, or a Hub repo id (downloading it if needed)."""
+        weight_name = check_relative_path(weight_name, argument="weight_name")
+        subfolder = check_relative_path(subfolder, argument="subfolder")
         if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
             _refuse_pickle(weight_name)
         if os.path.isfile(name):
@@ -295,6 +265,7 @@ class InfusionConcept(
                 f"No '{candidate.name}' in folder '{folder}'. Pass weight_name= (and subfolder=) to pick the file."
             )
         try:
+            validate_repo_id(name)
             return hf_hub_download(
                 repo_id=name, filename=weight_name or CONCEPT_WEIGHT_NAME, subfolder=subfolder, **hub_kwargs
             )

@@ -23,6 +23,10 @@ class ClassWordError(InfusionError, ValueError):
     """A concept's class word is missing, empty, or not in the tokenizer's vocabulary."""
 
 
+class FileClassWordError(ClassWordError, ConceptFileError):
+    """A concept file stores no usable class word (and none was passed): both a file and a class-word error."""
+
+
 class UnknownConceptError(InfusionError, ValueError):
     """A concept name that is not loaded (or a duplicate adapter name on load)."""
 

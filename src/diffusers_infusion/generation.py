@@ -26,6 +26,7 @@ from .loaders import InfusionLoaderMixin
 from .residuals import ResidualEntry, build_plan
 from .stream import Placement
 from .tokens import check_token_indices, find_class_word_positions
+from .validation import check_per_prompt, warn_if_class_word_truncated
 
 
 @dataclass
@@ -68,16 +69,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
 
     def _per_prompt(self, value: Any, n_prompts: int, *, argument: str) -> list:
         """Broadcast a dict (or None) to every prompt, or check a per-prompt list has one entry per prompt."""
-        if value is None or isinstance(value, Mapping):
-            return [value] * n_prompts
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            if len(value) != n_prompts:
-                raise InfusionCallError(
-                    f"{argument} has {len(value)} entries for {n_prompts} prompts. Pass one dict per prompt, "
-                    "or a single dict for the whole batch."
-                )
-            return list(value)
-        raise InfusionCallError(f"{argument}={value!r} must be a dict, a list of dicts (one per prompt), or None.")
+        return check_per_prompt(value, n_prompts, argument=argument)
 
     def place_infusion_concepts(
         self,
@@ -126,6 +118,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
                 else:
                     word = self.infusion_concepts[name].class_word
                     positions = tuple(find_class_word_positions(self.tokenizer, prompts[p], word))
+                    if not positions:
+                        warn_if_class_word_truncated(self.tokenizer, prompts[p], word, name=name, prompt_index=p)
                 if positions:
                     placed.append((name, float(strength), positions))
             placements.append(placed)

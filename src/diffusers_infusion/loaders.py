@@ -11,10 +11,12 @@ import os
 from collections.abc import Sequence
 
 import torch
+from huggingface_hub.utils import validate_hf_hub_args
 
 from .concept import InfusionConcept
-from .errors import InfusionCallError, UnknownConceptError
+from .errors import UnknownConceptError
 from .tokens import class_word_token_ids
+from .validation import check_adapter_name, check_finite_concept, check_names, check_strengths
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class InfusionLoaderMixin:
             self.__dict__["_infusion_active"] = {}
         return self.__dict__["_infusion_loaded"], self.__dict__["_infusion_active"]
 
+    @validate_hf_hub_args
     def load_infusion_concept(
         self,
         pretrained_model_name_or_path_or_concept: str | os.PathLike | InfusionConcept,
@@ -67,6 +70,7 @@ class InfusionLoaderMixin:
         """
         loaded, active = self._infusion_state()
         # 1. Check the name before any download.
+        adapter_name = check_adapter_name(adapter_name)
         if adapter_name is not None and adapter_name in loaded:
             raise UnknownConceptError(
                 f"adapter_name={adapter_name!r} is already loaded. Pick another name, or "
@@ -94,6 +98,7 @@ class InfusionLoaderMixin:
             )
         # 3. Check it fits this pipeline: every cross-attention layer, right lengths, a known class word.
         concept.validate_for(self.unet)
+        check_finite_concept(concept)
         for tokenizer in (self.tokenizer, getattr(self, "tokenizer_2", None)):
             if tokenizer is not None:
                 class_word_token_ids(tokenizer, concept.class_word)
@@ -129,21 +134,11 @@ class InfusionLoaderMixin:
             strengths: One strength for all, or one per name.
         """
         loaded, active = self._infusion_state()
-        names = [names] if isinstance(names, str) else list(names)
+        names = check_names(names, argument="names")
         self._check_names(names, argument="names")
-        if strengths is None:
-            strengths = [1.0] * len(names)
-        elif isinstance(strengths, (int, float)):
-            strengths = [float(strengths)] * len(names)
-        else:
-            strengths = list(strengths)
-            if len(strengths) != len(names):
-                raise InfusionCallError(
-                    f"strengths has {len(strengths)} values for {len(names)} names ({names}). "
-                    "Pass one strength per name, or a single number for all."
-                )
+        strengths = check_strengths(strengths, names)
         active.clear()
-        active.update({n: float(s) for n, s in zip(names, strengths)})
+        active.update(dict(zip(names, strengths)))
 
     def get_list_infusion_concepts(self) -> list[str]:
         """Names of all loaded concepts."""
@@ -156,7 +151,7 @@ class InfusionLoaderMixin:
     def unload_infusion_concept(self, names: str | Sequence[str] | None = None) -> None:
         """Remove concepts (all of them when ``names`` is None). Nothing in the UNet needs restoring."""
         loaded, active = self._infusion_state()
-        names = list(loaded) if names is None else [names] if isinstance(names, str) else list(names)
+        names = list(loaded) if names is None else list(dict.fromkeys(check_names(names, unique=False)))
         self._check_names(names, argument="names")
         for name in names:
             loaded.pop(name)

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .generation import InfusionGenerationMixin, InfusionPipelineOutput
+from .validation import check_call
 
 __all__ = ["InfusionPipeline", "InfusionPipelineOutput"]
 
@@ -74,6 +75,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             ``return_dict=False``, ``(images, nsfw)`` plus ``base_images`` when asked. Callbacks see the latents of
             the whole ``[F | C]`` batch.
         """
+        check_call(prompt, kwargs)  # a misspelled infusion_* keyword would vanish into **kwargs
         shared = dict(
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
             guidance_scale=guidance_scale, eta=eta, ip_adapter_image=ip_adapter_image,

@@ -17,6 +17,7 @@ from diffusers import StableDiffusionXLPipeline
 from .errors import InfusionCallError
 from .generation import InfusionGenerationMixin, InfusionPipelineOutput
 from .tokens import find_class_word_positions
+from .validation import check_call
 
 __all__ = ["InfusionXLPipeline", "InfusionPipelineOutput"]
 
@@ -91,6 +92,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
 
         The Infusion arguments are those of ``InfusionPipeline.__call__``.
         """
+        check_call(prompt, kwargs)  # a misspelled infusion_* keyword would vanish into **kwargs
         shared = dict(
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
             denoising_end=denoising_end, guidance_scale=guidance_scale, eta=eta, ip_adapter_image=ip_adapter_image,

@@ -46,15 +46,9 @@ def find_class_word_positions(tokenizer, prompt: str, class_word: str) -> list[i
 
 def check_token_indices(indices, *, name: str, sequence_length: int) -> tuple[int, ...]:
     """Validate explicit token indices for concept ``name``: integers in ``[1, sequence_length)``."""
-    if isinstance(indices, int):
-        indices = [indices]
-    try:
-        indices = [int(i) for i in indices]
-    except (TypeError, ValueError):
-        raise InfusionCallError(
-            f"infusion_token_indices[{name!r}]={indices!r} is not a list of integers. "
-            "Pass token positions, e.g. {'my-cat': [5]}."
-        ) from None
+    from .validation import check_token_positions
+
+    indices = check_token_positions(indices, name=name)
     bad = [i for i in indices if not 1 <= i < sequence_length]
     if bad:
         raise InfusionCallError(

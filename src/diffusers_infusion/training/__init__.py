@@ -1,6 +1,7 @@
 """The reusable core of ``examples/train_infusion.py``: instance data, trainable residuals, the training step."""
 
-from .data import DEFAULT_TEMPLATES, InstanceData, TrainingDataError, load_instance_data
+from .checkpoints import find_resume_checkpoint, list_checkpoints, write_manifest
+from .data import DEFAULT_TEMPLATES, InstanceData, TrainingDataError, check_caption_tokens, load_instance_data
 from .step import InfusionResiduals, infusion_training_loss
 
 __all__ = [
@@ -8,6 +9,10 @@ __all__ = [
     "InfusionResiduals",
     "InstanceData",
     "TrainingDataError",
+    "check_caption_tokens",
+    "find_resume_checkpoint",
     "infusion_training_loss",
+    "list_checkpoints",
     "load_instance_data",
+    "write_manifest",
 ]

@@ -1,14 +1,15 @@
 """The instance photos of a concept: images, captions (``metadata.jsonl`` or templates), optional object masks.
 
-Everything is read once and validated up front (an empty folder, an unreadable image, a class word absent from
-every caption are errors naming the flag and the value). The set is small (a few photos), so it lives in memory.
+Everything is read once and validated up front (an empty folder, an unreadable image, a malformed metadata line or
+caption template, a caption without the class word are errors naming the flag, the file or line, and the value).
+16-bit grayscale photos are scaled to 8 bits, not clipped. The set is small (a few photos), so it lives in memory.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ class InstanceData:
     captions: list[list[str]]  # per photo, the captions to draw from
     masks: torch.Tensor | None  # (photos, 1, resolution, resolution)
     files: list[str]
+    sources: list[str] = field(default_factory=list)  # per photo, where its captions come from (for messages)
 
 
 def _resize_and_crop(image: PIL.Image.Image, resolution: int, center_crop: bool) -> PIL.Image.Image:
@@ -52,34 +54,83 @@ def _resize_and_crop(image: PIL.Image.Image, resolution: int, center_crop: bool)
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def _read_image(path: Path, flag: str) -> PIL.Image.Image:
+def _read_image(path: Path, flag: str, mode: str) -> PIL.Image.Image:
+    """The image in ``mode`` ("RGB" or "L"); 16-bit grayscale is scaled to 8 bits (``convert`` would clip it)."""
     try:
         with PIL.Image.open(path) as image:
             image.load()
-            return image.copy()
+            image = image.copy()
     except (OSError, PIL.UnidentifiedImageError) as error:
         raise TrainingDataError(
             f"{flag}: cannot read image '{path}' ({error}). Remove it or replace it with a valid image file."
         ) from error
+    if image.mode.startswith("I;16"):  # 16-bit grayscale (PNG, TIFF): 0..65535
+        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().astype(np.uint8), "L")
+    elif image.mode in ("I", "F"):  # 32-bit integer or float pixels: no known range to scale from
+        raise TrainingDataError(
+            f"{flag}: image '{path}' has 32-bit {'integer' if image.mode == 'I' else 'float'} pixels (mode "
+            f"{image.mode}), whose range is unknown. Save it as an 8-bit (or 16-bit grayscale) image."
+        )
+    return image.convert(mode)
 
 
-def _read_metadata(folder: Path) -> dict[str, str]:
+def _read_metadata(folder: Path) -> dict[str, tuple[str, int]]:
+    """``file_name -> (caption, line number)`` from ``metadata.jsonl`` (datasets' imagefolder convention)."""
     path = folder / "metadata.jsonl"
     if not path.exists():
         return {}
     captions = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"--instance_data_dir: line {number} of '{path}'"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise TrainingDataError(f"{where} is not UTF-8 text ({error}). Save the file as UTF-8.") from None
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            captions[row["file_name"]] = row.get("text") or row["caption"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
+        except json.JSONDecodeError as error:
+            raise TrainingDataError(f"{where} is not valid JSON ({error}). Fix that line.") from None
+        caption = (row.get("text") or row.get("caption")) if isinstance(row, dict) else None
+        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
             raise TrainingDataError(
-                f"--instance_data_dir: line {number} of '{path}' is not a JSON object with 'file_name' and 'text' "
-                f"({error}). Fix that line (datasets' imagefolder convention)."
-            ) from error
+                f"{where} is {line.strip()[:80]!r}, not a JSON object with 'file_name' and 'text'. Fix that line "
+                '(e.g. {"file_name": "0.png", "text": "a photo of a cat"}).'
+            )
+        if not isinstance(caption, str) or not caption.strip():
+            raise TrainingDataError(
+                f"{where} has caption {caption!r} for '{row['file_name']}': 'text' must be a non-empty string. "
+                "Fix that line."
+            )
+        captions[row["file_name"]] = (caption, number)
     return captions
+
+
+def _fill(template: str, class_word: str, flag: str) -> str:
+    """A caption template filled with the class word, or an error naming the template."""
+    try:
+        return template.format(class_word=class_word)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as error:
+        raise TrainingDataError(
+            f"{flag}: template {template!r} cannot be filled ({type(error).__name__}: {error}). The only field is "
+            "{class_word}; write other braces doubled ({{ and }})."
+        ) from None
+
+
+def check_caption_tokens(data: InstanceData, tokenizer, class_word: str) -> None:
+    """Every caption must hold the class word as tokens within the tokenizer's limit (else it trains nothing)."""
+    from ..tokens import find_class_word_positions
+
+    for photo, options in enumerate(data.captions):
+        for caption in options:
+            if not find_class_word_positions(tokenizer, caption, class_word):
+                source = data.sources[photo] if data.sources else "the captions"
+                raise TrainingDataError(
+                    f"--class_word '{class_word}': caption {caption!r} of photo '{data.files[photo]}' ({source}) has "
+                    f"no '{class_word}' token within the first {tokenizer.model_max_length} tokens (a longer word "
+                    f"like 'category' holds no 'cat' token). Write the class word as its own word, near the start."
+                )
 
 
 def load_instance_data(
@@ -116,22 +167,28 @@ def load_instance_data(
             "there."
         )
     metadata = _read_metadata(folder)
-    pixels, captions, masks = [], [], []
+    if instance_prompt:
+        prompt_caption = _fill(instance_prompt, class_word, "--instance_prompt")
+    template_captions = [_fill(t, class_word, "--caption_templates") for t in templates]
+    pixels, captions, masks, sources = [], [], [], []
     for path in files:
-        image = _resize_and_crop(_read_image(path, "--instance_data_dir").convert("RGB"), resolution, center_crop)
+        image = _resize_and_crop(_read_image(path, "--instance_data_dir", "RGB"), resolution, center_crop)
         array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
         pixels.append(torch.from_numpy(array).permute(2, 0, 1))
         if path.name in metadata:
-            captions.append([metadata[path.name]])
+            captions.append([metadata[path.name][0]])
+            sources.append(f"line {metadata[path.name][1]} of '{folder / 'metadata.jsonl'}'")
         elif instance_prompt:
-            captions.append([instance_prompt.format(class_word=class_word)])
+            captions.append([prompt_caption])
+            sources.append("--instance_prompt")
         else:
-            captions.append([t.format(class_word=class_word) for t in templates])
+            captions.append(template_captions)
+            sources.append("--caption_templates")
         if mask_dir is not None:
             mask_path = Path(mask_dir) / path.name
             if not mask_path.exists():
                 raise TrainingDataError(f"--mask_dir: no mask '{mask_path}' for image '{path.name}'. Add one.")
-            mask = _resize_and_crop(_read_image(mask_path, "--mask_dir").convert("L"), resolution, center_crop)
+            mask = _resize_and_crop(_read_image(mask_path, "--mask_dir", "L"), resolution, center_crop)
             masks.append(torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None])
     if not any(class_word.lower() in c.lower() for options in captions for c in options):
         raise TrainingDataError(
@@ -144,4 +201,5 @@ def load_instance_data(
         captions=captions,
         masks=torch.stack(masks) if masks else None,
         files=[p.name for p in files],
+        sources=sources,
     )
