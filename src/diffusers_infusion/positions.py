@@ -8,13 +8,17 @@ pipeline's tokenizer, in the form the call takes (docs/quickstart.md, "Prompt we
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import InfusionCallError
 from .tokens import find_class_word_positions
 
+if TYPE_CHECKING:
+    from .generation import InfusionGenerationMixin
+
 
 def infusion_token_indices(
-    pipe, prompt: str | Sequence[str], *, names: Sequence[str] | None = None
+    pipe: InfusionGenerationMixin, prompt: str | Sequence[str], *, names: Sequence[str] | None = None
 ) -> dict[str, list[int]] | list[dict[str, list[int]]]:
     """Positions of the concepts' class words in ``prompt``, ready for ``pipe(..., infusion_token_indices=...)``.
 
