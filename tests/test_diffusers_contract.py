@@ -213,5 +213,6 @@ def test_xl_callback_sees_output_rows(xl_components, make_concept, gen):
     assert seen[0]["add_text_embeds"][0] == 4 and seen[0]["add_time_ids"][0] == 4
     recorded = []
     pipe(["a cat", "a dog"], num_inference_steps=2, output_type="latent", generator=gen(),
-         callback_on_step_end=lambda p, s, t, k: recorded.append(k["latents"] * 0.5) or {"latents": recorded[-1]})
+         callback_on_step_end=lambda p, s, t, k: recorded.append(k["latents"] * 0.5) or {"latents": recorded[-1]},
+         )  # fmt: skip
     assert (recorded[-1] == out.images).all()
