@@ -17,6 +17,7 @@ from .generation import InfusionGenerationMixin, InfusionPipelineOutput  # noqa:
 from .loaders import InfusionLoaderMixin  # noqa: E402
 from .pipeline import InfusionPipeline  # noqa: E402
 from .pipeline_xl import InfusionXLPipeline  # noqa: E402
+from .positions import infusion_token_indices  # noqa: E402
 
 __all__ = [
     "CONCEPT_WEIGHT_NAME",
@@ -35,4 +36,5 @@ __all__ = [
     "InfusionXLPipeline",
     "UnknownConceptError",
     "__version__",
+    "infusion_token_indices",
 ]

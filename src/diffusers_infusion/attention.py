@@ -7,7 +7,8 @@ cross-attention layer (``attn2``) of the UNet:
   their F stream samples, so whatever processor the layer has computes ``softmax(Q_F K^T / sqrt(d)) V̄``
   (METHOD.md, "The C stream's cross-attention, exactly"; with diffusers' default ``AttnProcessor2_0`` that is one
   fused SDPA call and no attention map is ever materialized);
-* on ``attn2.to_v``: ``s · Δ_i`` is added to the value rows of the class-word tokens of those samples (eq. 7, 9).
+* on ``attn2.to_v``: ``s · Δ_i`` is added to the value rows of the class-word tokens of those samples (eq. 7, 9);
+  with fused projections (``fuse_qkv_projections()``) the same hook sits on the value half of ``attn2.to_kv``.
 
 The hooks read the active plan from one ``_HookState`` per UNet. On an eager UNet they are removed when the call ends,
 so a ``StableDiffusionPipeline`` sharing the same UNet stays plain, LoRA (peft wraps ``to_q``/``to_v``; the hooks sit
@@ -145,20 +146,37 @@ def _value_hook(state: _HookState, slot: _LayerSlot):
     return hook
 
 
-def _check_unfused(layers: dict[str, Attention]) -> None:
-    for name, attn in layers.items():
-        if getattr(attn, "fused_projections", False) and "Fused" in type(attn.processor).__name__:
-            raise RuntimeError(
-                f"Layer '{name}' has fused QKV projections, which Infusion cannot hook. "
-                "Call `pipe.unfuse_qkv_projections()` before using Infusion concepts."
-            )
+def _fused_value_hook(state: _HookState, slot: _LayerSlot):
+    value_hook = _value_hook(state, slot)
+
+    def hook(module: torch.nn.Module, args: tuple, kv: torch.Tensor) -> torch.Tensor | None:
+        # kv: (rows, tokens, 2 * value_dim) = [key | value]; diffusers' FusedAttnProcessor2_0 splits it in halves.
+        half = kv.shape[-1] // 2
+        changed = value_hook(module, args, kv.narrow(-1, half, kv.shape[-1] - half))  # in place, on kv's storage
+        return None if changed is None else kv
+
+    return hook
+
+
+def _projections(attn: Attention) -> list[tuple[str, torch.nn.Module, Any]]:
+    """The modules that carry a layer's query and value, with the hook each one gets.
+
+    ``to_q`` and ``to_v`` always; ``to_kv`` too once ``fuse_qkv_projections()`` has made it: a cross-attention
+    layer with fused projections reads its query from ``to_q`` and key and value from ``to_kv``. A processor calls
+    ``to_v`` or ``to_kv``, never both, so the residual is added exactly once whichever one runs (diffusers'
+    ``unfuse_qkv_projections()`` keeps ``to_kv`` but goes back to processors that call ``to_v``).
+    """
+    modules = [("to_q", attn.to_q, _query_hook), ("to_v", attn.to_v, _value_hook)]
+    if isinstance(getattr(attn, "to_kv", None), torch.nn.Module):
+        modules.append(("to_kv", attn.to_kv, _fused_value_hook))
+    return modules
 
 
 def _seat_hooks(state: _HookState, layers: dict[str, Attention]) -> None:
-    """Put the hooks on the current ``to_q``/``to_v`` of every layer (moving them if peft replaced a module)."""
+    """Put the hooks on the current projections of every layer (moving them if peft or fusion replaced one)."""
     for name, attn in layers.items():
         slot = state.layers.setdefault(name, _LayerSlot())
-        for kind, module, make in (("to_q", attn.to_q, _query_hook), ("to_v", attn.to_v, _value_hook)):
+        for kind, module, make in _projections(attn):
             seated = state.handles.get((name, kind))
             if seated is not None and seated[0] is module:
                 continue
@@ -187,15 +205,13 @@ def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan | None) -> Iterator
     compiled UNet they stay installed and idle after the block (``plan=None`` only makes sure they are there).
 
     Raises:
-        RuntimeError: Fused QKV projections; or the block ran the UNet with ``plan`` but no hook ever acted.
+        RuntimeError: The block ran the UNet with ``plan`` but no hook ever acted.
     """
     compiled = is_compiled(unet)
     if plan is None and not compiled:
         yield
         return
     layers = cross_attention_layers(unet)
-    if plan is not None:
-        _check_unfused(layers)
     state = _hook_state(unet)
     previous, state.fired = state.plan, False
     state.depth += 1

@@ -21,6 +21,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .attention import infusion_hooks, is_compiled, keep_hooks_if_compiled, sequential_streams
+from .callbacks import OutputRowsCallback
 from .errors import InfusionCallError
 from .loaders import InfusionLoaderMixin
 from .residuals import ResidualEntry, build_plan
@@ -77,21 +78,27 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         n_prompts: int,
         infusion_concepts: Mapping[str, float] | Sequence[Mapping[str, float]] | None = None,
         infusion_token_indices: Mapping[str, Sequence[int]] | Sequence[Mapping[str, Sequence[int]]] | None = None,
+        *,
+        sequence_length: int | None = None,
     ) -> list[Placement]:
         """For each prompt, the concepts it receives: ``(name, strength, token positions)``.
 
         Concepts with strength 0 and concepts whose class word is not in the prompt are left out, so a prompt
-        with an empty list needs no C stream.
+        with an empty list needs no C stream. ``sequence_length`` is the token count of the call's
+        ``prompt_embeds`` (explicit positions must lie below it); by default the tokenizer's padded length.
         """
         _, active = self._infusion_state()
         concept_sets = self._per_prompt(infusion_concepts, n_prompts, argument="infusion_concepts")
         index_sets = self._per_prompt(infusion_token_indices, n_prompts, argument="infusion_token_indices")
-        if prompts is not None:
+        concept_sets = [dict(active if concepts is None else concepts) for concepts in concept_sets]
+        if not any(concept_sets) and not any(index_sets):
+            # No concept anywhere: the call is the parent's, so no component (tokenizer, text encoder) is read.
+            return [[] for _ in range(n_prompts)]
+        if prompts is not None and self.tokenizer is not None:
             prompts = self.maybe_convert_prompt(list(prompts), self.tokenizer)  # textual-inversion tokens
-        sequence_length = self.tokenizer.model_max_length
         placements = []
         for p in range(n_prompts):
-            concepts = dict(active if concept_sets[p] is None else concept_sets[p])
+            concepts = concept_sets[p]
             self._check_names(list(concepts), argument="infusion_concepts")
             indices = index_sets[p] or {}
             self._check_names(list(indices), argument="infusion_token_indices")
@@ -108,12 +115,15 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
                 if strength == 0:
                     continue
                 if name in indices:
-                    positions = check_token_indices(indices[name], name=name, sequence_length=sequence_length)
-                elif prompts is None:
+                    length = sequence_length or self._prompt_length()
+                    positions = check_token_indices(indices[name], name=name, sequence_length=length)
+                elif prompts is None or self.tokenizer is None:
+                    missing = "no prompt (only prompt_embeds)" if prompts is None else "no tokenizer"
                     raise InfusionCallError(
-                        f"Concept {name!r} is active but the call has prompt_embeds and no prompt, so its class word "
-                        "cannot be found. Pass infusion_token_indices={name: [positions]} or the prompt, or "
-                        "deactivate it with infusion_concepts={}."
+                        f"Concept {name!r} is active but the call has {missing}, so its class word cannot be found. "
+                        f"Pass infusion_token_indices={{{name!r}: positions}} (the positions of the class word in the "
+                        "tokenized prompt: `diffusers_infusion.infusion_token_indices(pipe, prompt)` finds them), "
+                        "or deactivate it with infusion_concepts={}."
                     )
                 else:
                     word = self.infusion_concepts[name].class_word
@@ -125,9 +135,18 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             placements.append(placed)
         return placements
 
+    def _prompt_length(self) -> int:
+        """Tokens per encoded prompt: the tokenizer's padded length, else the text encoder's positions."""
+        if self.tokenizer is not None:
+            return self.tokenizer.model_max_length
+        config = getattr(self.text_encoder, "config", None)
+        if config is not None and hasattr(config, "max_position_embeddings"):
+            return config.max_position_embeddings
+        return 77  # CLIP's, the prompt length of every Stable Diffusion text encoder
+
     def _place_variants(self, prompts, n_prompts, infusion_concepts, infusion_variants, infusion_token_indices,
                         infusion_mode, return_base_images,
-                        infusion_streams="batched") -> list[list[Placement]]:  # fmt: skip
+                        infusion_streams="batched", *, sequence_length=None) -> list[list[Placement]]:  # fmt: skip
         """One placement list per variant (a single one without ``infusion_variants``), after checking the mode."""
         if infusion_mode not in ("exact", "fast"):
             raise InfusionCallError(f"infusion_mode={infusion_mode!r} must be 'exact' (the paper's method) or 'fast'.")
@@ -152,7 +171,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             raise InfusionCallError(
                 f"infusion_variants={infusion_variants!r} must be a non-empty list of dicts name -> strength."
             )
-        return [self.place_infusion_concepts(prompts, n_prompts, v, infusion_token_indices) for v in variants]
+        indices, length = infusion_token_indices, sequence_length
+        return [self.place_infusion_concepts(prompts, n_prompts, v, indices, sequence_length=length) for v in variants]
 
     def _initial_noise(self, n_f: int, height: int, width: int, generator, latents, device, dtype) -> torch.Tensor:
         """The F batch's initial noise, drawn exactly as the plain pipeline draws it (or the given ``latents``)."""
@@ -178,6 +198,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         return_base_images: bool,
         return_dict: bool,
         sequential: bool = False,
+        callback_on_step_end: Callable[..., Any] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
         """Lay out ``[F | C]``, run the plain loop once with the hooks on, and pick each image's row.
 
@@ -192,6 +214,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             return_base_images: Also return F's images.
             return_dict: Return an ``InfusionPipelineOutput`` (else a tuple).
             sequential: Run each UNet call as F, then C with F's recorded queries (less memory, same numbers).
+            callback_on_step_end: The user's callback; it sees the returned images' rows (``callbacks.py``).
+            callback_on_step_end_tensor_inputs: The tensors it receives.
         """
         n_f = latents.shape[0]
         device = latents.device
@@ -223,18 +247,28 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             replace_queries=exact, captured_queries={} if sequential else None,
         )  # fmt: skip
 
-        # 2. The plain sampling loop (and decoding) on [F | C], with the hooks on every cross-attention layer.
+        # 2. Each image comes from its C row if it has one, else from its F row; callbacks see those rows.
+        offset = n_f if exact else 0
+        c_row_of = [{f_rows[j]: offset + j for j in range(start, stop)} for start, stop in group_rows]
+        rows = [c_row_of[g].get(r, r) for g in range(len(groups)) for r in range(n_f)]
+        callback = {}
+        if callback_on_step_end is not None:
+            f_row_of = {offset + j: f for j, f in enumerate(f_rows)} if exact else {}
+            callback = dict(
+                callback_on_step_end=OutputRowsCallback(callback_on_step_end, shown_rows=rows, f_row_of=f_row_of,
+                                                        n_rows=offset + len(f_rows)),
+                callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
+            )  # fmt: skip
+
+        # 3. The plain sampling loop (and decoding) on [F | C], with the hooks on every cross-attention layer.
         with contextlib.ExitStack() as stack:
             stack.enter_context(infusion_hooks(self.unet, plan))
             if sequential:
                 stack.enter_context(sequential_streams(self.unet, plan, n_f=n_f))
             images, nsfw = run(latents=expand(latents), generator=generator,
-                               **{k: expand(v) for k, v in embeds.items()})  # fmt: skip
+                               **{k: expand(v) for k, v in embeds.items()}, **callback)  # fmt: skip
 
-        # 3. Each image comes from its C row if it has one, else from its F row.
-        offset = n_f if exact else 0
-        c_row_of = [{f_rows[j]: offset + j for j in range(start, stop)} for start, stop in group_rows]
-        rows = [c_row_of[g].get(r, r) for g in range(len(groups)) for r in range(n_f)]
+        # 4. Pick each image's row.
         out_images, out_nsfw = _select(images, rows), _select(nsfw, rows)
         base = _select(images, list(range(n_f))) if return_base_images else None
         if not return_dict:

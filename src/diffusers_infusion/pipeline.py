@@ -72,8 +72,9 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
 
         Returns:
             ``InfusionPipelineOutput`` with ``images``, ``nsfw_content_detected`` and ``base_images``; or, with
-            ``return_dict=False``, ``(images, nsfw)`` plus ``base_images`` when asked. Callbacks see the latents of
-            the whole ``[F | C]`` batch.
+            ``return_dict=False``, ``(images, nsfw)`` plus ``base_images`` when asked. ``callback_on_step_end`` sees
+            one row per returned image (per guidance half), and what it returns acts on those images; the F rows
+            behind concept images take the same change (``diffusers_infusion.callbacks``).
         """
         check_call(prompt, kwargs)  # a misspelled infusion_* keyword would vanish into **kwargs
         shared = dict(
@@ -89,7 +90,8 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
         n_prompts = len(prompts) if prompts is not None else 0 if prompt_embeds is None else prompt_embeds.shape[0]
         groups = self._place_variants(prompts, n_prompts, infusion_concepts, infusion_variants,
                                       infusion_token_indices, infusion_mode, return_base_images,
-                                      infusion_streams)  # fmt: skip
+                                      infusion_streams, sequence_length=None if prompt_embeds is None
+                                      else prompt_embeds.shape[1])  # fmt: skip
 
         # 2. No C row anywhere: exactly the plain pipeline.
         if not any(any(placements) for placements in groups):
@@ -122,7 +124,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
 
         # 4. The plain loop on the [F | C] batch, with the Infusion hooks on.
         def run(**expanded):
-            output = StableDiffusionPipeline.__call__(self, None, num_images_per_prompt=1, **expanded, **shared)
+            output = StableDiffusionPipeline.__call__(self, None, num_images_per_prompt=1, **{**shared, **expanded})
             return output.images, output.nsfw_content_detected
 
         return self._generate(
@@ -130,4 +132,5 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             latents=latents, generator=generator,
             embeds={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}, run=run,
             return_base_images=return_base_images, return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip

@@ -110,7 +110,8 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         n_prompts = len(prompts) if prompts is not None else 0 if prompt_embeds is None else prompt_embeds.shape[0]
         groups = self._place_variants(prompts, n_prompts, infusion_concepts, infusion_variants,
                                       infusion_token_indices, infusion_mode, return_base_images,
-                                      infusion_streams)  # fmt: skip
+                                      infusion_streams, sequence_length=None if prompt_embeds is None
+                                      else prompt_embeds.shape[1])  # fmt: skip
         self._check_second_tokenizer(groups, prompts, prompts_2, infusion_token_indices)
 
         # 2. No C row anywhere: exactly the plain pipeline.
@@ -152,7 +153,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         # 4. The plain loop on the [F | C] batch, with the Infusion hooks on.
         def run(**expanded):
             output = StableDiffusionXLPipeline.__call__(
-                self, None, None, num_images_per_prompt=1, **expanded, **shared
+                self, None, None, num_images_per_prompt=1, **{**shared, **expanded}
             )
             return output.images, None
 
@@ -160,4 +161,5 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
             groups, n_images=n_images, exact=infusion_mode == "exact", sequential=infusion_streams == "sequential",
             latents=latents, generator=generator,
             embeds=embeds, run=run, return_base_images=return_base_images, return_dict=return_dict,
+            callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip

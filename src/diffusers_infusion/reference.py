@@ -9,7 +9,7 @@ has its own scheduler. Nothing here is shared with the fused implementation exce
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from diffusers import DiffusionPipeline
@@ -60,6 +60,7 @@ def naive_infusion_latents(
     num_inference_steps: int,
     guidance_scale: float,
     own_queries: bool = False,
+    callback: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Final latents ``(z_F, z_C)`` of one prompt, sampled naively with classifier-free guidance.
 
@@ -71,6 +72,8 @@ def naive_infusion_latents(
         num_inference_steps: Number of denoising steps.
         guidance_scale: Classifier-free guidance scale (> 1).
         own_queries: The ablation: C keeps its own attention maps (only ``V̄`` changes).
+        callback: ``callback(step, z_C) -> z_C'`` after each step, as ``callback_on_step_end`` acts on a returned
+            image; F takes the same change, ``z_F + (z_C' − z_C)`` (the rule of ``callbacks.py``).
     """
     unet = pipe.unet
     device = latents.device
@@ -101,7 +104,7 @@ def naive_infusion_latents(
     z = [latents * schedulers[0].init_noise_sigma, latents * schedulers[1].init_noise_sigma]
     unet.set_attn_processor(dict(processors))
     try:
-        for t in schedulers[0].timesteps:
+        for step, t in enumerate(schedulers[0].timesteps):
             for stream, mode in enumerate(
                 ("record", "own" if own_queries else "replay")
             ):  # F first (stores maps), then C (uses them)
@@ -111,6 +114,9 @@ def naive_infusion_latents(
                 eps_u, eps_c = unet(x, t, text, added_cond_kwargs=added, return_dict=False)[0].chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
                 z[stream] = schedulers[stream].step(eps, t, z[stream], return_dict=False)[0]
+            if callback is not None:
+                edited = callback(step, z[1].clone())
+                z = [z[0] + (edited - z[1]), edited]
     finally:
         unet.set_attn_processor(original)
     return z[0], z[1]
