@@ -1,4 +1,4 @@
-"""Render many prompts × concepts × strengths × seeds on every process: ``accelerate launch examples/generate_infusion.py``.
+"""Render prompts × concepts × strengths × seeds on many processes (``accelerate launch``, resumable).
 
     accelerate launch --num_processes 8 examples/generate_infusion.py \\
         --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
@@ -87,7 +87,10 @@ def load_jobs(args, concept_names: list[str]):
     names = args.grid_concepts if args.grid_concepts is not None else concept_names
     unknown = [n for n in names if n not in concept_names]
     if unknown:
-        raise JobFileError(f"--grid_concepts names {unknown}, not declared with --concept (declared: {concept_names}).")
+        raise JobFileError(
+            f"--grid_concepts names {unknown}, not declared with --concept (declared: {concept_names}). "
+            "Declare each with --concept NAME=PATH_OR_HUB_ID."
+        )
     prompts = [(f"{args.prompts}:{n}", text) for n, text in read_prompt_file(args.prompts)]
     return grid_jobs(prompts, concepts=names, strengths=args.strengths, seeds=args.seeds, defaults=defaults,
                      include_base=args.include_base)  # fmt: skip

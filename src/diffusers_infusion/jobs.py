@@ -188,8 +188,8 @@ def read_jobs(path: str | Path, *, defaults: Mapping[str, Any] | None = None,
                 line = reader.line_num
                 try:
                     if None in row:
-                        raise ValueError(f"{len(reader.fieldnames) + len(row[None])} cells for "
-                                         f"{len(reader.fieldnames)} columns (quote cells that hold commas)")  # fmt: skip
+                        cells = len(reader.fieldnames) + len(row[None])
+                        raise ValueError(f"{cells} cells for {len(reader.fieldnames)} columns (quote commas)")
                     jobs.append(job_from_record(row, defaults, known_concepts=known_concepts, source=f"{path}:{line}"))
                 except (ValueError, TypeError) as error:
                     errors.append(f"line {line}: {error}")
