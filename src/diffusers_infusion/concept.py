@@ -66,7 +66,8 @@ Made with [diffusers-infusion]({{ repo_url }}).
 def _refuse_pickle(path: str | Path) -> None:
     raise ConceptFileError(
         f"'{path}' is a pickle-based file, and diffusers-infusion never unpickles (it can run arbitrary code). "
-        "Convert it to safetensors in a trusted environment (load it, then `InfusionConcept(...).save_pretrained`) "
+        "Convert it to safetensors in a trusted environment (load it, then `InfusionConcept(...).save_pretrained`; "
+        "for a checkpoint of the authors' code, `diffusers-infusion-convert` reads it without running anything) "
         f"and load the '{CONCEPT_WEIGHT_NAME}' file instead."
     )
 

@@ -1,0 +1,69 @@
+"""The wheel CI builds: the whole package with its data, the license, the one version, the console script."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from packaging.version import Version
+
+import diffusers_infusion
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    from pip._vendor import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "diffusers_infusion"
+
+
+def _setuptools_version() -> Version:
+    try:
+        return Version(importlib.metadata.version("setuptools"))
+    except importlib.metadata.PackageNotFoundError:
+        return Version("0")
+
+
+def test_the_wheel_holds_the_package_its_data_the_license_and_one_version(tmp_path):
+    tree = tmp_path / "tree"  # a copy, so the build leaves no build/ or egg-info in the checkout
+    shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, tree / name)
+    # Offline with the venv's setuptools where it is recent enough (PEP 639 license fields); else pip's isolation.
+    offline = ["--no-build-isolation"] if _setuptools_version() >= Version("77") else []
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", *offline, str(tree), "-w", str(tmp_path / "d")]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+    (wheel,) = (tmp_path / "d").glob("*.whl")
+    version = diffusers_infusion.__version__
+    assert wheel.name == f"diffusers_infusion-{version}-py3-none-any.whl"
+    assert wheel.stat().st_size < 2_000_000
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        info = f"diffusers_infusion-{version}.dist-info"
+        metadata = archive.read(f"{info}/METADATA").decode()
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+        license_text = archive.read(f"{info}/licenses/LICENSE")
+    shipped = {p.relative_to(PACKAGE.parent).as_posix() for p in PACKAGE.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}  # fmt: skip
+    assert "diffusers_infusion/toy/reader.safetensors" in shipped  # package data the toy scores need
+    assert {n for n in names if not n.startswith(info)} == shipped
+    assert not any(n.startswith(("tests/", "examples/", "benchmarks/", "docs/")) for n in names)
+    assert f"\nVersion: {version}\n" in metadata and "\nLicense-Expression: Apache-2.0\n" in metadata
+    assert license_text == (ROOT / "LICENSE").read_bytes() and license_text.lstrip().startswith(b"Apache License")
+    assert "diffusers-infusion-convert = diffusers_infusion.convert:main" in entry_points
+
+
+def test_the_version_lives_in_one_place():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "diffusers_infusion.__version__"}
+    assert project["project"]["license"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert f"## [{diffusers_infusion.__version__}]" in changelog  # the released version has its entry
