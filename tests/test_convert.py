@@ -171,6 +171,7 @@ def test_converted_toy_concept_loads_into_the_toy_pipeline(tmp_path):
     name = pipe.load_infusion_concept(out)
     loaded = pipe.infusion_concepts[name]
     assert loaded.class_word == "teddy" and loaded.base_model == str(TOY_MODEL_DIR)
+    assert loaded.to(torch.float16).metadata == loaded.metadata and "teddy.ckpt" in loaded.metadata["converted_from"]
     for block, (module, _) in TOY_LAYERS.items():
         key = f"{block}.transformer_blocks.0.attn2.to_v.target_output"
         assert torch.equal(loaded.residuals[f"{module}.transformer_blocks.0.attn2"], checkpoint[key])

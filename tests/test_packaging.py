@@ -67,3 +67,14 @@ def test_the_version_lives_in_one_place():
     assert project["project"]["license"] == "Apache-2.0" and (ROOT / "LICENSE").is_file()
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## [{diffusers_infusion.__version__}]" in changelog  # the released version has its entry
+
+
+def test_the_toy_model_outside_a_checkout_is_named_with_the_fix(monkeypatch, tmp_path):
+    """An installed package has no examples/ folder: load_toy_pipeline() says where the model is and what to pass."""
+    import pytest
+
+    from diffusers_infusion.toy import model
+
+    monkeypatch.setattr(model, "TOY_MODEL_DIR", tmp_path / "examples" / "toy_world" / "model")
+    with pytest.raises(FileNotFoundError, match=r"not in the installed package. Pass its path: load_toy_pipeline\("):
+        model.load_toy_pipeline()
