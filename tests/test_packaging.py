@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 from packaging.version import Version
 
 import diffusers_infusion
@@ -29,7 +32,10 @@ def _setuptools_version() -> Version:
         return Version("0")
 
 
-def test_the_wheel_holds_the_package_its_data_the_license_and_one_version(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel, built the way CI builds it, from a copy of the checkout."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     tree = tmp_path / "tree"  # a copy, so the build leaves no build/ or egg-info in the checkout
     shutil.copytree(ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -40,7 +46,11 @@ def test_the_wheel_holds_the_package_its_data_the_license_and_one_version(tmp_pa
     out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
-    (wheel,) = (tmp_path / "d").glob("*.whl")
+    (built,) = (tmp_path / "d").glob("*.whl")
+    return built
+
+
+def test_the_wheel_holds_the_package_its_data_the_license_and_one_version(wheel):
     version = diffusers_infusion.__version__
     assert wheel.name == f"diffusers_infusion-{version}-py3-none-any.whl"
     assert wheel.stat().st_size < 2_000_000
@@ -71,10 +81,29 @@ def test_the_version_lives_in_one_place():
 
 def test_the_toy_model_outside_a_checkout_is_named_with_the_fix(monkeypatch, tmp_path):
     """An installed package has no examples/ folder: load_toy_pipeline() says where the model is and what to pass."""
-    import pytest
-
     from diffusers_infusion.toy import model
 
     monkeypatch.setattr(model, "TOY_MODEL_DIR", tmp_path / "examples" / "toy_world" / "model")
     with pytest.raises(FileNotFoundError, match=r"not in the installed package. Pass its path: load_toy_pipeline\("):
         model.load_toy_pipeline()
+
+
+def test_the_demo_runs_from_the_installed_wheel(wheel, tmp_path):
+    """``pip install`` of the wheel (into a folder put first on the path), then the demo, shortened, from it."""
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)]
+    out = subprocess.run(install, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_demo = ("import runpy, sys, diffusers_infusion as d; print('imported from', d.__file__); "
+                "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    out = subprocess.run(
+        [sys.executable, "-c", run_demo, str(ROOT / "examples" / "demo.py"), "--output", str(tmp_path / "demo.png"),
+         "--train_steps", "2", "--steps", "2"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"imported from {site / 'diffusers_infusion' / '__init__.py'}" in out.stdout
+    log = out.stdout + out.stderr
+    assert len(re.findall(r"concept similarity \d\.\d\d\s+text alignment \d\.\d\d", log)) == 2  # the reader's data
+    assert "Prompt without the class word untouched: True" in log and (tmp_path / "demo.png").is_file()
