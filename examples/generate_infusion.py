@@ -27,9 +27,10 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from tqdm.auto import tqdm
 
-from diffusers_infusion import CONCEPT_WEIGHT_NAME, InfusionPipeline, __version__
+from diffusers_infusion import CONCEPT_WEIGHT_NAME, ConceptNotFoundError, InfusionError, InfusionPipeline, __version__
 from diffusers_infusion.batch_generation import (
     ManifestWriter,
     finished_jobs,
@@ -69,14 +70,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)  # fmt: skip
 
 
-def resolve_concept(source: str, revision: str | None = None) -> Path:
+def resolve_concept(name: str, source: str) -> Path:
     """The concept file of a file path, a folder or a Hub repo id (downloaded into the cache)."""
     path = Path(source)
     if path.is_file():
         return path
-    if path.is_dir():
+    if path.is_dir() and (path / CONCEPT_WEIGHT_NAME).is_file():
         return path / CONCEPT_WEIGHT_NAME
-    return Path(hf_hub_download(source, CONCEPT_WEIGHT_NAME, revision=revision))
+    try:
+        return Path(hf_hub_download(source, CONCEPT_WEIGHT_NAME))
+    except (HFValidationError, HfHubHTTPError, OSError, ValueError) as error:
+        raise ConceptNotFoundError(
+            f"--concept {name}={source}: no {CONCEPT_WEIGHT_NAME} there; it is neither a concept file, a folder "
+            f"holding one, nor a reachable Hub repo ({type(error).__name__}). Check the path or repo id."
+        ) from error
 
 
 def load_jobs(args, concept_names: list[str]):
@@ -118,11 +125,11 @@ def main(argv=None) -> int:
         concepts[name] = source
     try:
         jobs = load_jobs(args, list(concepts))
-    except JobFileError as error:
+        files = {name: resolve_concept(name, source) for name, source in concepts.items()}
+    except InfusionError as error:
         if state.is_main_process:
             logger.error("%s", error)
         return 2
-    files = {name: resolve_concept(source) for name, source in concepts.items()}
     hashes = {name: sha256(path) for name, path in files.items()}
 
     # 2. Ids (the job's fields, the model and its concept files' hashes), batches, the finished jobs.

@@ -46,7 +46,7 @@ def _run(args, *, launch=None, cwd):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
         str(SCRIPT),
     ]  # fmt: skip
-    return subprocess.run(command + args, capture_output=True, text=True, env=_env(), timeout=600, cwd=cwd)
+    return subprocess.run(command + args, capture_output=True, text=True, env=_env(), timeout=1800, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +157,14 @@ def test_a_killed_run_resumes_where_it_stopped(setup, script):
     process = subprocess.Popen([sys.executable, str(SCRIPT), *args], cwd=work, env=_env(), start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     shard = work / "killed" / "manifest.rank0.jsonl"
-    deadline = time.monotonic() + 300
-    while not (shard.exists() and shard.read_text().count("\n") >= 1) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 1200  # a guard only: a loaded machine can be very slow
+    while process.poll() is None and not (shard.exists() and shard.read_text().count("\n") >= 1) \
+            and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(process.pid, signal.SIGKILL)
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    lines_at_kill = shard.read_text().count("\n")
+    lines_at_kill = shard.read_text().count("\n") if shard.exists() else 0
     assert 1 <= lines_at_kill < N_IMAGES, "the run must be killed mid-way for this test to mean anything"
     assert not (work / "killed" / "manifest.jsonl").exists()
 
@@ -187,3 +189,12 @@ def test_bad_job_lines_stop_the_run_before_anything_is_rendered(setup, script, c
     assert "2 bad line(s)" in caplog.text and "line 2: 'seed' must be an integer >= 0, got -1" in caplog.text
     assert "line 3: 'prompt' must be a non-empty string, got 3" in caplog.text
     assert not (work / "bad").exists()
+
+
+def test_a_missing_concept_is_named_with_the_fix(setup, script, caplog):
+    work, _ = setup
+    args = COMMON + ["--concept", f"my_cat={work / 'no_such_folder'}", "--prompts", "prompts.txt", "--output_dir", "x"]
+    with caplog.at_level("ERROR", logger="generate_infusion"):
+        assert _main(script, args, work) == 2
+    assert f"--concept my_cat={work / 'no_such_folder'}: no infusion_concept.safetensors there" in caplog.text
+    assert not (work / "x").exists()
