@@ -1,7 +1,7 @@
 """``examples/generate_infusion.py`` on the toy model: 2 processes (gloo) = 1 process; kill and rerun; bad lines.
 
-The reference is one process rendering a prompt file × a grid; the other runs must give the same images, byte for
-byte (the batches never depend on the number of processes, and each prompt has its own seeded CPU generator).
+The reference is one process rendering a prompt file × a grid; the other runs must give the same images, pixel for
+pixel (the batches never depend on the number of processes, and each prompt has its own seeded CPU generator).
 """
 
 from __future__ import annotations
