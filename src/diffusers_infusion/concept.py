@@ -30,6 +30,7 @@ CONCEPT_WEIGHT_NAME = "infusion_concept.safetensors"
 FORMAT_NAME = "infusion-concept"
 FORMAT_VERSION = "1"
 __all__ = ["CONCEPT_WEIGHT_NAME", "PICKLE_SUFFIXES", "InfusionConcept"]
+_RESERVED_METADATA = ("format", "format_version", "class_word", "base_model", "library", "library_version", "dtype")
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -81,9 +82,11 @@ class InfusionConcept(
         class_word: The word (or short phrase) of the prompt whose value receives the residual, e.g. ``"cat"``.
         residuals: Layer path -> 1-D residual Δ_i of length ``attn2.to_v.out_features``.
         base_model: Name or path of the base model the concept was trained on (informational).
+        metadata: Extra string notes kept in the file's metadata (e.g. ``converted_from``).
     """
 
-    def __init__(self, class_word: str, residuals: Mapping[str, torch.Tensor], *, base_model: str | None = None):
+    def __init__(self, class_word: str, residuals: Mapping[str, torch.Tensor], *, base_model: str | None = None,
+                 metadata: Mapping[str, str] | None = None):  # fmt: skip
         if not isinstance(class_word, str) or not class_word.strip():
             raise ClassWordError(
                 f"class_word={class_word!r} is not a non-empty string. Pass the concept's word, e.g. class_word='cat'."
@@ -99,6 +102,7 @@ class InfusionConcept(
         self.class_word = class_word.strip()
         self.residuals: dict[str, torch.Tensor] = dict(residuals)
         self.base_model = base_model
+        self.metadata: dict[str, str] = {str(k): str(v) for k, v in (metadata or {}).items()}
         self._hub_mixin_config = None  # the class word lives in the file's metadata, not in a config.json
 
     # ----------------------------------------------------------------------------------------------- building
@@ -125,7 +129,7 @@ class InfusionConcept(
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> InfusionConcept:
         """A copy (always: new tensors) with residuals converted to ``dtype`` and/or moved to ``device``."""
         residuals = {k: v.detach().to(device=device, dtype=dtype, copy=True) for k, v in self.residuals.items()}
-        return type(self)(self.class_word, residuals, base_model=self.base_model)
+        return type(self)(self.class_word, residuals, base_model=self.base_model, metadata=self.metadata)
 
     def validate_for(self, unet: torch.nn.Module) -> None:
         """Raise ``ConceptMismatchError`` unless the concept has one vector of the right length per layer."""
@@ -154,6 +158,7 @@ class InfusionConcept(
         from . import __version__
 
         metadata = {
+            **self.metadata,
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "class_word": self.class_word,
@@ -242,7 +247,8 @@ class InfusionConcept(
             )
         if class_word and metadata.get("class_word") and class_word != metadata["class_word"]:
             logger.info("Using class_word=%r instead of the file's %r.", class_word, metadata["class_word"])
-        return cls(word, residuals, base_model=metadata.get("base_model") or None)
+        extra = {k: v for k, v in metadata.items() if k not in _RESERVED_METADATA}
+        return cls(word, residuals, base_model=metadata.get("base_model") or None, metadata=extra)
 
     @staticmethod
     def _resolve_file(name: str, *, weight_name: str | None, subfolder: str | None, **hub_kwargs) -> str:

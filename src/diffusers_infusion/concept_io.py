@@ -34,7 +34,8 @@ def refuse_pickle(path: str | Path) -> None:
     """Raise the error for a pickle-based file (it is never unpickled)."""
     raise ConceptFileError(
         f"'{path}' is a pickle-based file, and diffusers-infusion never unpickles (it can run arbitrary code). "
-        "Convert it to safetensors in a trusted environment (load it, then `InfusionConcept(...).save_pretrained`) "
+        "Convert it to safetensors in a trusted environment (load it, then `InfusionConcept(...).save_pretrained`; "
+        "for a checkpoint of the authors' code, `diffusers-infusion-convert` reads it without running anything) "
         "and load the 'infusion_concept.safetensors' file instead."
     )
 

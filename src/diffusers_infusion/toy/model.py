@@ -152,6 +152,11 @@ def load_toy_pipeline(path: str | Path | None = None, *, pipeline_cls=None, dtyp
         from diffusers import StableDiffusionPipeline
 
         pipeline_cls = StableDiffusionPipeline
+    if path is None and not TOY_MODEL_DIR.is_dir():
+        raise FileNotFoundError(
+            f"The toy model is not at '{TOY_MODEL_DIR}': it ships in the repository's examples/toy_world/model, "
+            "not in the installed package. Pass its path: load_toy_pipeline('path/to/examples/toy_world/model')."
+        )
     pipe = pipeline_cls.from_pretrained(str(path or TOY_MODEL_DIR), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
