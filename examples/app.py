@@ -36,7 +36,8 @@ from diffusers_infusion.training import TrainingDataError  # noqa: E402
 
 logger = logging.getLogger("app")
 DEFAULT_MODEL = os.environ.get("INFUSION_MODEL") or str(HERE / "toy_world" / "model")
-SLOTS = 4  # concepts with a switch and a slider on the Generate tab
+SLOTS = 4  # concepts with a switch and a slider on the Generate tab (generate() names their inputs)
+TRACK_TQDM = gr.Progress(track_tqdm=True)  # the pipeline's and the training loop's tqdm bars, in the page
 USER_ERRORS = (InfusionError, TrainingDataError)  # the library's messages name the value and the fix
 
 
@@ -47,8 +48,9 @@ def launch_kwargs() -> dict:
     return {"theme": theme, "ssr_mode": False}
 
 
-def build_demo(app: InfusionApp, *, slots: int = SLOTS) -> gr.Blocks:
+def build_demo(app: InfusionApp) -> gr.Blocks:
     """The page: three tabs wired to ``app``'s methods, with named API endpoints (see docs/app.md)."""
+    slots = SLOTS
 
     def user_error(error: Exception) -> gr.Error:
         return gr.Error(str(error), print_exception=False)
@@ -68,14 +70,16 @@ def build_demo(app: InfusionApp, *, slots: int = SLOTS) -> gr.Blocks:
         return [rows, pick, *names, *switches, *sliders, note]
 
     # --------------------------------------------------------------------------------- handlers
-    def generate(prompt, negative_prompt, steps, guidance, seed, randomize, num_images, *slot_values,
-                 progress=gr.Progress(track_tqdm=True)):  # fmt: skip
-        names, switches, strengths = (slot_values[i * slots : (i + 1) * slots] for i in range(3))
-        seed = app.random_seed() if randomize else int(seed or 0)
+    def generate(prompt, negative_prompt, steps, guidance_scale, seed, randomize_seed, num_images,
+                 concept_1, concept_2, concept_3, concept_4, on_1, on_2, on_3, on_4,
+                 strength_1, strength_2, strength_3, strength_4, progress=TRACK_TQDM):  # fmt: skip
+        names, switches = (concept_1, concept_2, concept_3, concept_4), (on_1, on_2, on_3, on_4)
+        strengths = (strength_1, strength_2, strength_3, strength_4)
+        seed = app.random_seed() if randomize_seed else int(seed or 0)
         chosen = {n: float(s) for n, on, s in zip(names, switches, strengths) if n and on}
         try:
             base, images = app.generate(prompt, negative_prompt=negative_prompt or "", steps=int(steps),
-                                        guidance_scale=float(guidance), seed=seed, num_images=int(num_images),
+                                        guidance_scale=float(guidance_scale), seed=seed, num_images=int(num_images),
                                         strengths=chosen)  # fmt: skip
         except USER_ERRORS as error:
             raise user_error(error) from None
@@ -104,7 +108,7 @@ def build_demo(app: InfusionApp, *, slots: int = SLOTS) -> gr.Blocks:
             raise user_error(error) from None
 
     def train(photos, class_word, name, steps, learning_rate, seed, validation_prompt, validation_steps,
-              progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+              progress=TRACK_TQDM):  # fmt: skip
         files = [getattr(p, "name", p) for p in (photos or [])]
         skip = [gr.skip()] * (len(concept_outputs))
         try:
@@ -207,7 +211,7 @@ def build_demo(app: InfusionApp, *, slots: int = SLOTS) -> gr.Blocks:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="A web page to try, compare and train Infusion concepts.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Base model: Hub repo id or folder (default: the toy model).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Base model: Hub repo id or folder (default: toy model).")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                    help="0.0.0.0 to serve other machines (Spaces set GRADIO_SERVER_NAME).")  # fmt: skip

@@ -85,7 +85,8 @@ class InfusionApp:
     # ------------------------------------------------------------------------------------------- concepts
     def concepts(self) -> list[list]:
         """One row per loaded concept: name, class word, number of values, base model it was made for."""
-        return [[name, c.class_word, c.num_values, c.base_model or ""] for name, c in self.pipe.infusion_concepts.items()]
+        concepts = self.pipe.infusion_concepts
+        return [[name, c.class_word, c.num_values, c.base_model or ""] for name, c in concepts.items()]
 
     def _check_new_name(self, name: str) -> str:
         name = (name or "").strip()
@@ -158,9 +159,10 @@ class InfusionApp:
         if strengths is None:
             strengths = dict.fromkeys(self.pipe.get_list_infusion_concepts(), 1.0)
         self.pipe.set_infusion_concepts(list(strengths), list(strengths.values()))
-        generators = [torch.Generator().manual_seed(int(seed) + i) for i in range(int(num_images))]
+        n = int(num_images)
+        generators = [torch.Generator().manual_seed(int(seed) + i) for i in range(n)]
         out = self.pipe(
-            [prompt] * int(num_images), negative_prompt=[negative_prompt] * int(num_images) if negative_prompt else None,
+            [prompt] * n, negative_prompt=[negative_prompt] * n if negative_prompt else None,
             num_inference_steps=int(steps), guidance_scale=float(guidance_scale), generator=generators,
             return_base_images=True,
         )  # fmt: skip
