@@ -151,18 +151,20 @@ def build_demo(app: InfusionApp) -> gr.Blocks:
                     sliders.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", visible=False,
                                              scale=4))  # fmt: skip
             with gr.Row():
-                base_gallery = gr.Gallery(label="Base model", format="png", columns=2, elem_id="base-images")
-                concept_gallery = gr.Gallery(label="With the concepts", format="png", columns=2,
+                base_gallery = gr.Gallery(label="Base model", format="png", columns=2, height=420,
+                                          elem_id="base-images")  # fmt: skip
+                concept_gallery = gr.Gallery(label="With the concepts", format="png", columns=2, height=420,
                                              elem_id="concept-images")  # fmt: skip
         with gr.Tab("Concepts"):
             with gr.Row():
-                source = gr.Textbox(label="Hub repo id, local folder or .safetensors path", placeholder="user/my-cat")
+                source = gr.Textbox(label="Hub repo id, local folder or .safetensors path", placeholder="user/my-cat",
+                                    elem_id="concept-source")  # fmt: skip
                 upload = gr.File(label="… or upload a concept file", type="filepath",
                                  file_types=[".safetensors", ".ckpt", ".bin", ".pt", ".pth"])  # fmt: skip
             with gr.Row():
                 load_name = gr.Textbox(label="Name (optional)")
                 load_word = gr.Textbox(label="Class word (optional: overrides the file's)")
-            load_button = gr.Button("Load", variant="primary")
+            load_button = gr.Button("Load", variant="primary", elem_id="load")
             table = gr.Dataframe(headers=["name", "class word", "values", "base model"], interactive=False,
                                  label="Loaded concepts")  # fmt: skip
             with gr.Row():
@@ -171,21 +173,22 @@ def build_demo(app: InfusionApp) -> gr.Blocks:
                 download_button = gr.Button("Save for download")
             concept_download = gr.File(label="Concept file", interactive=False)
         with gr.Tab("Train"):
-            photos = gr.File(label="Photos (3-10)", file_count="multiple", file_types=["image"], type="filepath")
+            photos = gr.File(label="Photos (3-10)", file_count="multiple", file_types=["image"], type="filepath",
+                             elem_id="train-photos")  # fmt: skip
             with gr.Row():
-                class_word = gr.Textbox(label="Class word", placeholder="cat")
+                class_word = gr.Textbox(label="Class word", placeholder="cat", elem_id="train-class-word")
                 train_name = gr.Textbox(label="Name (optional)", placeholder="my_cat")
             with gr.Row():
-                train_steps = gr.Slider(1, 2000, value=300, step=1, label="Steps")
+                train_steps = gr.Slider(1, 2000, value=300, step=1, label="Steps", elem_id="train-steps")
                 learning_rate = gr.Number(value=1e-2, label="Learning rate")
                 train_seed = gr.Number(value=0, precision=0, minimum=0, label="Seed")
             with gr.Row():
                 validation_prompt = gr.Textbox(label="Validation prompt (default: a photo of a <class word>)")
                 validation_steps = gr.Slider(1, 500, value=50, step=1, label="Validation every N steps")
-            train_button = gr.Button("Train", variant="primary")
-            status = gr.Markdown()
+            train_button = gr.Button("Train", variant="primary", elem_id="train")
+            status = gr.Markdown(elem_id="train-status")
             validation = gr.Image(label="Validation: base model | with the concept", format="png", type="pil",
-                                  interactive=False)  # fmt: skip
+                                  interactive=False, elem_id="train-validation")  # fmt: skip
             trained_file = gr.File(label="Trained concept", interactive=False)
 
         concept_outputs = [table, pick, *names, *switches, *sliders, note]
