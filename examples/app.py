@@ -138,7 +138,7 @@ def build_demo(app: InfusionApp) -> gr.Blocks:
             with gr.Row():
                 steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
                 guidance = gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="Guidance scale")
-                num_images = gr.Slider(1, 4, value=1, step=1, label="Images")
+                num_images = gr.Slider(1, 4, value=1, step=1, label="Images", elem_id="num-images")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
                 randomize = gr.Checkbox(value=False, label="Randomize seed")
@@ -151,9 +151,9 @@ def build_demo(app: InfusionApp) -> gr.Blocks:
                     sliders.append(gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Strength", visible=False,
                                              scale=4))  # fmt: skip
             with gr.Row():
-                base_gallery = gr.Gallery(label="Base model", format="png", columns=2, height=420,
+                base_gallery = gr.Gallery(label="Base model", format="png", columns=2,
                                           elem_id="base-images")  # fmt: skip
-                concept_gallery = gr.Gallery(label="With the concepts", format="png", columns=2, height=420,
+                concept_gallery = gr.Gallery(label="With the concepts", format="png", columns=2,
                                              elem_id="concept-images")  # fmt: skip
         with gr.Tab("Concepts"):
             with gr.Row():

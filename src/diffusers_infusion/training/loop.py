@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from ..tokens import find_class_word_positions
 from .data import InstanceData
 from .step import infusion_training_loss
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def step_generator(seed: int, micro_step: int) -> torch.Generator:
@@ -62,12 +67,12 @@ class TrainingInputs:
 
 
 def training_steps(
-    accelerator,
-    model,
+    accelerator: Accelerator,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     unet: torch.nn.Module,
-    noise_scheduler,
+    noise_scheduler: SchedulerMixin,
     inputs: TrainingInputs,
     *,
     max_train_steps: int,
