@@ -110,6 +110,8 @@ def build_demo(app: InfusionApp) -> gr.Blocks:
     def train(photos, class_word, name, steps, learning_rate, seed, validation_prompt, validation_steps,
               progress=TRACK_TQDM):  # fmt: skip
         files = [getattr(p, "name", p) for p in (photos or [])]
+        if files and not 3 <= len(files) <= 10:
+            gr.Warning(f"{len(files)} photos: 3-10 photos of the concept work best.")
         skip = [gr.skip()] * (len(concept_outputs))
         try:
             updates = app.train(files, class_word, steps=int(steps), learning_rate=float(learning_rate),

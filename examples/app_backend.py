@@ -217,7 +217,8 @@ class InfusionApp:
 
         # 2. The frozen model's inputs, the residuals, the optimizer: as examples/train_infusion.py sets them up.
         pipe, steps = self.pipe, int(steps)
-        accelerator = Accelerator()
+        half = pipe.unet.dtype == torch.float16  # fp16 on CUDA: autocast, as the script with --mixed_precision fp16
+        accelerator = Accelerator(mixed_precision="fp16" if half else None)
         inputs = TrainingInputs.precompute(data, tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder,
                                            vae=pipe.vae, class_word=class_word, device=pipe.device,
                                            dtype=pipe.unet.dtype)  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import huggingface_hub
 import numpy as np
@@ -21,6 +22,8 @@ from diffusers_infusion import (
 )
 from diffusers_infusion.tiny import tiny_sd_components
 from diffusers_infusion.training import TrainingDataError
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def arrays(images) -> np.ndarray:
@@ -151,7 +154,6 @@ def test_train_uses_the_scripts_loop_same_delta(app, photos, tmp_path):
     import importlib.util
 
     from accelerate.state import AcceleratorState
-    from conftest import ROOT
 
     from diffusers_infusion.toy import TOY_MODEL_DIR
 
@@ -159,7 +161,7 @@ def test_train_uses_the_scripts_loop_same_delta(app, photos, tmp_path):
     folder.mkdir()
     for i, photo in enumerate(photos):  # photos only: the page captions with the default templates
         shutil.copy(photo, folder / f"{i:03d}.png")
-    spec = importlib.util.spec_from_file_location("train_infusion", ROOT / "examples" / "train_infusion.py")
+    spec = importlib.util.spec_from_file_location("train_infusion", EXAMPLES / "train_infusion.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     try:

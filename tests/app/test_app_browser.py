@@ -44,10 +44,11 @@ def browser_page(served, tmp_path_factory):
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=CHROMIUM, headless=True, args=FLAGS,
             viewport={"width": 1280, "height": 1100},
         )  # fmt: skip
+        context.set_default_timeout(300_000)  # a slow or busy CI machine: generous limits, never timings
         try:
             page = context.new_page()
             page.goto(served[1], wait_until="domcontentloaded")
-            page.get_by_label("my_cat").wait_for(state="visible", timeout=60_000)  # the concept's switch
+            page.get_by_label("my_cat").wait_for(state="visible", timeout=300_000)  # the concept's switch
             yield page
         finally:
             context.close()
@@ -63,8 +64,8 @@ def test_generate_in_the_browser_shows_base_and_concept_images_that_differ(brows
     page, resolution = browser_page, served[0].resolution
     page.locator("#prompt textarea").fill("a photo of a cat")
     page.locator("#generate").click()
-    page.locator("#base-images img").first.wait_for(timeout=60_000)
-    page.locator("#concept-images img").first.wait_for(timeout=60_000)
+    page.locator("#base-images img").first.wait_for(timeout=300_000)
+    page.locator("#concept-images img").first.wait_for(timeout=300_000)
     base, concept = shown_images(page, "#base-images img"), shown_images(page, "#concept-images img")
     assert len(base) == len(concept) == 1 and base[0].shape[:2] == concept[0].shape[:2] == (resolution, resolution)
     assert (base[0] != concept[0]).any()  # the class word carries the concept
@@ -82,7 +83,7 @@ def test_bad_input_shows_the_librarys_message_in_the_page(browser_page, tmp_path
     page.get_by_role("tab", name="Concepts").click()
     page.locator("#concept-source textarea").fill(str(missing))
     page.locator("#load").click()
-    page.get_by_text(str(error.value)[-60:], exact=False).first.wait_for(timeout=30_000)  # the library's words
+    page.get_by_text(str(error.value)[-60:], exact=False).first.wait_for(timeout=300_000)  # the library's words
     page.get_by_role("tab", name="Generate").click()
     assert page.get_by_label("my_cat").is_visible()  # nothing else loaded, the page still works
 
@@ -92,12 +93,12 @@ def test_train_in_the_browser_shows_progress_and_loads_the_concept(browser_page,
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-photos input[type=file]").set_input_files([str(p) for p in photos])
     uploaded = "n => document.querySelector('#train-photos').innerText.split('.png').length - 1 === n"
-    page.wait_for_function(uploaded, arg=len(photos), timeout=30_000)  # every photo listed
+    page.wait_for_function(uploaded, arg=len(photos), timeout=300_000)  # every photo listed
     page.locator("#train-class-word textarea").fill("cat")
     page.locator("#train-steps input[type=number]").fill("4")
     page.locator("#train-steps input[type=number]").press("Enter")
     page.locator("#train").click()
-    page.get_by_text("Done:").wait_for(timeout=120_000)
+    page.get_by_text("Done:").wait_for(timeout=300_000)
     name = page.locator("#train-status").inner_text().split("Done:")[1].split()[0]
     assert name in app.pipe.get_list_infusion_concepts() and "4 steps" in page.locator("#train-status").inner_text()
     assert page.locator("#train-validation img").count() == 1

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from gradio_client import Client, handle_file
-from gradio_client.exceptions import AppError
 
-from diffusers_infusion import InfusionConcept
+if os.environ.get("CI", "").lower() not in ("1", "true", "yes"):  # in CI a missing extra fails, never skips
+    pytest.importorskip("gradio_client", reason="the app's extra: pip install -e '.[app]'")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from diffusers_infusion import InfusionConcept  # noqa: E402
 
 OFF = dict(concept_2="", concept_3="", concept_4="", on_2=False, on_3=False, on_4=False, strength_2=1.0,
            strength_3=1.0, strength_4=1.0)  # fmt: skip
@@ -17,7 +22,7 @@ OFF = dict(concept_2="", concept_3="", concept_4="", on_2=False, on_3=False, on_
 
 @pytest.fixture(scope="module")
 def client(served):
-    client = Client(served[1], verbose=False, download_files=True)
+    client = Client(served[1], verbose=False, download_files=True, httpx_kwargs={"timeout": 600})  # slow CI
     yield client
     client.close()
 
@@ -82,7 +87,7 @@ def test_train_endpoint_streams_progress_then_loads_the_concept(client, photos):
     job = client.submit(photos=[handle_file(str(p)) for p in photos], class_word="cat", name="trained_here",
                         steps=5, learning_rate=0.01, seed=0, validation_prompt="a cat", validation_steps=2,
                         api_name="/train")  # fmt: skip
-    status, validation, concept_file, table, *_ = job.result(timeout=120)
+    status, validation, concept_file, table, *_ = job.result(timeout=600)
     assert "trained_here" in status and "Done" in status
     assert PIL.Image.open(validation).size[0] == 2 * PIL.Image.open(validation).size[1]  # base | concept
     assert InfusionConcept.from_file(concept_file).class_word == "cat"
