@@ -34,9 +34,10 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def browser_page(served, tmp_path_factory):
+def browser_page(request, tmp_path_factory):
     """A fresh headless Chromium profile with the page open."""
-    _require_browser()
+    _require_browser()  # before the app starts: a missing browser is reported at once
+    served = request.getfixturevalue("served")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
