@@ -97,11 +97,6 @@ def check_finite(loss_value: float, deltas, step: int, args: argparse.Namespace)
     )
 
 
-def step_generator(seed: int, micro_step: int) -> torch.Generator:
-    """The generator of one micro step: the same on every process and after a resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -109,20 +104,20 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from diffusers_infusion import CONCEPT_WEIGHT_NAME, InfusionConcept
-    from diffusers_infusion.tokens import class_word_token_ids, find_class_word_positions
+    from diffusers_infusion.tokens import class_word_token_ids
     from diffusers_infusion.training import (
         DEFAULT_TEMPLATES,
         InfusionResiduals,
         TrainingDataError,
+        TrainingInputs,
         check_caption_tokens,
         find_resume_checkpoint,
-        infusion_training_loss,
         list_checkpoints,
         load_instance_data,
+        training_steps,
         write_manifest,
     )
     from diffusers_infusion.training.report import log_validation, save_outputs
@@ -179,18 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     )  # for validation
 
     # 3. Precompute what is frozen: caption encodings (+ class-word positions) and the photos' latent moments.
-    captions = sorted({c for options in data.captions for c in options})
-    with torch.no_grad():
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids  # fmt: skip
-        encodings = text_encoder(ids.to(accelerator.device))[0]  # (captions, tokens, dim)
-        moments = vae.encode(data.pixels.to(accelerator.device, weight_dtype)).latent_dist  # per photo
-    caption_index = {c: i for i, c in enumerate(captions)}
-    positions = [find_class_word_positions(tokenizer, c, args.class_word) for c in captions]
-    scaling = vae.config.scaling_factor
-    latent_masks = None
-    if data.masks is not None:
-        latent_masks = torch.nn.functional.interpolate(data.masks, size=moments.mean.shape[-2:], mode="area")
+    inputs = TrainingInputs.precompute(data, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                                       class_word=args.class_word, device=accelerator.device, dtype=weight_dtype)
 
     # 4. Optimizer and learning-rate schedule (counted in optimizer steps on every process, as diffusers does).
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
@@ -247,47 +232,21 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         accelerator.init_trackers("infusion", config={k: v for k, v in vars(args).items() if not isinstance(v, list)})
 
-    # 6. The loop. Micro step m draws photos, captions, timesteps and noise for the global batch from
-    #    step_generator(seed, m); process p trains on its slice.
-    per_process, world = args.train_batch_size, accelerator.num_processes
-    mine = slice(accelerator.process_index * per_process, (accelerator.process_index + 1) * per_process)
-    n_photos, latent_shape = len(data.files), moments.mean.shape[1:]
-    progress = tqdm(range(args.max_train_steps), initial=first_step, desc="Training", unit="step",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
-    loss_value, grid = math.nan, None
-    for step in range(first_step, args.max_train_steps):
-        for micro in range(args.gradient_accumulation_steps):
-            g = step_generator(args.seed, step * args.gradient_accumulation_steps + micro)
-            photo = torch.randint(n_photos, (per_process * world,), generator=g)[mine]
-            choice = torch.rand(per_process * world, generator=g)[mine]
-            t = torch.randint(noise_scheduler.config.num_train_timesteps, (per_process * world,), generator=g)[mine]
-            eps = torch.randn((per_process * world, *latent_shape), generator=g)[mine]
-            draw = torch.randn((per_process * world, *latent_shape), generator=g)[mine]
-            caps = [data.captions[i][int(c * len(data.captions[i]))] for i, c in zip(photo.tolist(), choice.tolist())]
-            rows = torch.tensor([caption_index[c] for c in caps])
-            dev = accelerator.device
-            z0 = (moments.mean[photo.to(dev)] + moments.std[photo.to(dev)] * draw.to(dev, weight_dtype)) * scaling
-            with accelerator.accumulate(model), accelerator.autocast():
-                loss = infusion_training_loss(
-                    unet, noise_scheduler, model(), z0, encodings[rows.to(dev)], [positions[r] for r in rows],
-                    noise=eps.to(dev, weight_dtype), timesteps=t.to(dev),
-                    mask=None if latent_masks is None else latent_masks[photo].to(dev),
-                    replace_queries=not args.own_queries,
-                )  # fmt: skip
-                accelerator.backward(loss)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
-        check_finite(loss_value, accelerator.unwrap_model(model).deltas, step + 1, args)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
-        accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step + 1)
-        if (step + 1) % args.checkpointing_steps == 0 and step + 1 < args.max_train_steps:
-            save_checkpoint(step + 1)
-        if args.validation_prompt and (step + 1) % args.validation_steps == 0 and accelerator.is_main_process:
-            grid = log_validation(accelerator, args, components, model, step + 1)
-    progress.close()
+    # 6. The loop (diffusers_infusion.training.loop): randomness indexed by micro step, so a resume is exact.
+    grid = None
+    steps = training_steps(
+        accelerator, model, optimizer, lr_scheduler, unet, noise_scheduler, inputs,
+        max_train_steps=args.max_train_steps, train_batch_size=args.train_batch_size, seed=args.seed,
+        first_step=first_step, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        replace_queries=not args.own_queries, weight_dtype=weight_dtype,
+    )  # fmt: skip
+    for step, loss_value in steps:
+        check_finite(loss_value, accelerator.unwrap_model(model).deltas, step, args)
+        accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
+        if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+            save_checkpoint(step)
+        if args.validation_prompt and step % args.validation_steps == 0 and accelerator.is_main_process:
+            grid = log_validation(accelerator, args, components, model, step)
 
     # 7. The concept, its model card and a sample grid; optionally on the Hub (without checkpoints).
     accelerator.wait_for_everyone()

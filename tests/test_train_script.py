@@ -81,7 +81,7 @@ def test_short_run_writes_a_loadable_concept_card_and_validation(setup, pipe, ge
 
 def test_resume_continues_to_the_same_delta_bit_for_bit(setup, monkeypatch):
     reference = concept_at(train(setup, "straight", "--gradient_accumulation_steps", "2"))
-    import diffusers_infusion.training as training
+    import diffusers_infusion.training.loop as training  # the loop the script drives
 
     original, calls = training.infusion_training_loss, []
 
