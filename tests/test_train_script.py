@@ -232,7 +232,7 @@ def test_a_diverged_run_stops_with_a_named_error_and_keeps_its_checkpoints(setup
 
 
 def interrupted_run(setup, monkeypatch, output: str, after_micro_steps: int) -> Path:
-    import diffusers_infusion.training as training
+    import diffusers_infusion.training.loop as training  # the loop the script drives
 
     original, calls = training.infusion_training_loss, []
 
