@@ -1,5 +1,7 @@
 """InfusionXLPipeline on a tiny SDXL-shaped pipeline: exactness, both tokenizers, size conditioning, SD 1.5 refusal."""
 
+import logging
+
 import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
@@ -83,11 +85,17 @@ def test_zero_residuals_and_size_conditioning_kept(xl):
     assert seen[0]["text_embeds"].shape[0] == 4  # pooled embeddings, row by row
 
 
-def test_class_word_must_match_in_both_prompts(xl, make_concept):
+def test_class_word_must_match_in_both_prompts(xl, make_concept, caplog):
     xl.load_infusion_concept(make_concept(xl.unet, "cat"))
     with pytest.raises(InfusionCallError, match="positions \\[2\\] of prompt 0 for tokenizer but at \\[5\\]"):
         xl("a cat", prompt_2="a photo of a cat", num_inference_steps=1)
     xl("a cat", prompt_2="a cat on snow", num_inference_steps=1, output_type="latent")  # same positions: fine
+    # a prompt_2 without the word (a style prompt, as in diffusers' multi-prompt test): prompt's positions, a warning
+    kwargs = dict(num_inference_steps=2, output_type="latent", return_base_images=True)
+    with caplog.at_level(logging.WARNING):
+        out = xl("a cat", prompt_2="an oil painting", generator=torch.Generator().manual_seed(0), **kwargs)
+    assert any("prompt_2 0 has no 'cat'" in r.getMessage() for r in caplog.records)
+    assert not torch.allclose(out.images, out.base_images, atol=1e-4)  # the concept acts at "cat" of prompt
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])

@@ -1,13 +1,16 @@
 """InfusionXLPipeline: Stable Diffusion XL with Infusion concepts (the dual-stream call is in ``generation.py``).
 
 SDXL concatenates the two text encoders' token states along the feature axis, so token position k of the prompt
-embedding is token k of ``prompt`` (CLIP ViT-L) and of ``prompt_2`` (OpenCLIP ViT-bigG); a class word must sit at
-the same positions in both tokenizations. Pooled embeddings and the size/crop conditioning are untouched: they are
-expanded to the ``[F | C]`` batch row by row, like the prompt embeddings.
+embedding is token k of ``prompt`` (CLIP ViT-L) and of ``prompt_2`` (OpenCLIP ViT-bigG); a class word in both must
+sit at the same positions in both tokenizations. A ``prompt_2`` without the class word (a style prompt, as in
+diffusers' own tests) is fine: the residual goes where the word sits in ``prompt``, with a warning. Pooled
+embeddings and the size/crop conditioning are untouched: they are expanded to the ``[F | C]`` batch row by row, like
+the prompt embeddings.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +23,7 @@ from .tokens import find_class_word_positions
 from .validation import check_call
 
 __all__ = ["InfusionXLPipeline", "InfusionPipelineOutput"]
+logger = logging.getLogger(__name__)
 
 
 class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
@@ -35,7 +39,12 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
                 for name, _, positions in placed:
                     word = self.infusion_concepts[name].class_word
                     second = tuple(find_class_word_positions(self.tokenizer_2, prompts_2[p], word))
-                    if second != positions:
+                    if not second:
+                        logger.warning(
+                            "Concept %r: prompt_2 %d has no %r; its residual goes where prompt %d has it (positions "
+                            "%s).", name, p, word, p, list(positions),
+                        )  # fmt: skip
+                    elif second != positions:
                         raise InfusionCallError(
                             f"Concept {name!r}: class word {word!r} is at positions {list(positions)} of prompt {p} "
                             f"for tokenizer but at {list(second)} of prompt_2 for tokenizer_2. Use the same wording "
