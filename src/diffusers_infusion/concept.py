@@ -63,10 +63,6 @@ Made with [diffusers-infusion]({{ repo_url }}).
 """
 
 
-_refuse_pickle = refuse_pickle
-_atomic_save = atomic_save
-
-
 class InfusionConcept(
     ModelHubMixin,
     library_name="diffusers-infusion",
@@ -168,7 +164,7 @@ class InfusionConcept(
             "dtype": str(self.dtype).removeprefix("torch."),
         }
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.residuals.items()}
-        _atomic_save(tensors, Path(save_directory) / CONCEPT_WEIGHT_NAME, metadata)
+        atomic_save(tensors, Path(save_directory) / CONCEPT_WEIGHT_NAME, metadata)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The model card (``README.md``) written next to the concept file."""
@@ -256,7 +252,7 @@ class InfusionConcept(
         weight_name = check_relative_path(weight_name, argument="weight_name")
         subfolder = check_relative_path(subfolder, argument="subfolder")
         if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES:
-            _refuse_pickle(weight_name)
+            refuse_pickle(weight_name)
         if os.path.isfile(name):
             return name
         if os.path.isdir(name):
@@ -266,7 +262,7 @@ class InfusionConcept(
                 return str(candidate)
             pickles = sorted(p.name for p in folder.glob("*") if p.suffix.lower() in PICKLE_SUFFIXES)
             if weight_name is None and pickles:
-                _refuse_pickle(folder / pickles[0])
+                refuse_pickle(folder / pickles[0])
             raise ConceptNotFoundError(
                 f"No '{candidate.name}' in folder '{folder}'. Pass weight_name= (and subfolder=) to pick the file."
             )

@@ -68,10 +68,6 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         with infusion_hooks(self.unet, None):
             return call(self, *args, **kwargs)
 
-    def _per_prompt(self, value: Any, n_prompts: int, *, argument: str) -> list:
-        """Broadcast a dict (or None) to every prompt, or check a per-prompt list has one entry per prompt."""
-        return check_per_prompt(value, n_prompts, argument=argument)
-
     def place_infusion_concepts(
         self,
         prompts: Sequence[str] | None,
@@ -88,8 +84,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         ``prompt_embeds`` (explicit positions must lie below it); by default the tokenizer's padded length.
         """
         _, active = self._infusion_state()
-        concept_sets = self._per_prompt(infusion_concepts, n_prompts, argument="infusion_concepts")
-        index_sets = self._per_prompt(infusion_token_indices, n_prompts, argument="infusion_token_indices")
+        concept_sets = check_per_prompt(infusion_concepts, n_prompts, argument="infusion_concepts")  # checked floats
+        index_sets = check_per_prompt(infusion_token_indices, n_prompts, argument="infusion_token_indices")
         concept_sets = [dict(active if concepts is None else concepts) for concepts in concept_sets]
         if not any(concept_sets) and not any(index_sets):
             # No concept anywhere: the call is the parent's, so no component (tokenizer, text encoder) is read.
@@ -110,8 +106,6 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
                 )
             placed = []
             for name, strength in concepts.items():
-                if not isinstance(strength, (int, float)) or isinstance(strength, bool):
-                    raise InfusionCallError(f"infusion_concepts[{name!r}]={strength!r} must be a number.")
                 if strength == 0:
                     continue
                 if name in indices:
