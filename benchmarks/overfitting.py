@@ -79,7 +79,7 @@ def fisher_set(class_word: str, n: int) -> tuple[list, list[str]]:
 
     images, captions, seed = [], [], 5_000_000
     while len(images) < n:
-        scene = sample_scene(seed)
+        scene = sample_scene(seed, look_prob=0.5)  # the base model's training distribution (toy world 2)
         seed += 1
         if any(o.cls == class_word for o in scene.objects):
             continue

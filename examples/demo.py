@@ -2,8 +2,9 @@
 
     python examples/demo.py --output out/demo.png
 
-1. Trains "my_cat" (an orange cat with a blue band, photographed 5 times on grass, in the center) with
-   ``examples/train_infusion.py`` on the embedded toy Stable Diffusion (``examples/toy_world/model``).
+1. Trains "my_cat" (a cat split diagonally into green and orange with a yellow star, photographed 5 times at night,
+   in the center) with ``examples/train_infusion.py`` on the embedded toy Stable Diffusion
+   (``examples/toy_world/model``).
 2. Renders prompts that put the cat on other backgrounds, at other positions and next to other objects, plus one
    prompt without the class word, each with the same seed for the base model and the concept (one call each).
 3. Writes the grid (rows: prompts; columns: base model, with the concept) and prints the toy reader's scores:
@@ -25,14 +26,13 @@ import torch
 
 from diffusers_infusion import InfusionPipeline
 from diffusers_infusion.metrics import toy_text_alignment
-from diffusers_infusion.toy import concept_similarity, load_toy_pipeline, read_images
+from diffusers_infusion.toy import TOY_MODEL_DIR, concept_similarity, load_toy_pipeline, read_images
 
 logger = logging.getLogger("demo")
 HERE = Path(__file__).resolve().parent
-TOY_MODEL = HERE / "toy_world" / "model"  # next to this script, so an installed (non-editable) package works too
 PROMPTS = [
     "a photo of a cat on the beach",
-    "a cat at night",
+    "a cat on grass",
     "a cat on snow",
     "a cat on the left on brick",
     "a cat and a dog on the beach",
@@ -47,7 +47,7 @@ def train_concept(output_dir: Path, *, steps: int, seed: int) -> None:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main([
-        "--pretrained_model_name_or_path", str(TOY_MODEL),
+        "--pretrained_model_name_or_path", str(TOY_MODEL_DIR),
         "--instance_data_dir", str(HERE / "toy_world" / "concepts" / "my_cat"), "--class_word", "cat",
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "4",
         "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--checkpointing_steps", str(steps),
@@ -96,7 +96,7 @@ def main() -> None:
     trained = time.perf_counter()
 
     # 2. Base model and concept images, same seeds, in one call.
-    pipe = load_toy_pipeline(TOY_MODEL, pipeline_cls=InfusionPipeline)
+    pipe = load_toy_pipeline(pipeline_cls=InfusionPipeline)
     pipe.load_infusion_concept(concept_dir, "my_cat")
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(PROMPTS))]
     out = pipe(PROMPTS, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,

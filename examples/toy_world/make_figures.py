@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from diffusers_infusion.toy.concepts import CONCEPTS
+from diffusers_infusion.toy.looks import MARKS, PATTERN_KINDS, Look
 from diffusers_infusion.toy.world import BACKGROUNDS, CLASSES, COLORS, Scene, ToyObject, render, sample_scene
 
 GAP, SCALE = 2, 2
@@ -29,13 +30,24 @@ def grid(images: list[Image.Image], cols: int, *, row_labels: list[str] | None =
     return out.resize((out.width * SCALE, out.height * SCALE), Image.NEAREST)
 
 
+def _look(pattern: str, k: int) -> Look:
+    """Orange and blue in ``pattern`` (orange alone when plain), with the ``k``-th mark in white."""
+    return Look(pattern, "orange", "orange" if pattern == "plain" else "blue", MARKS[k % len(MARKS)], "white")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", type=Path, default=Path("docs/images/toy_world"))
     args = parser.parse_args(argv)
     args.output.mkdir(parents=True, exist_ok=True)
 
-    grid([render(sample_scene(i)) for i in range(32)], 8).save(args.output / "samples.png")
+    grid([render(sample_scene(i, look_prob=0.5)) for i in range(32)], 8).save(args.output / "samples.png")
+    looks = [  # toy world 2: every pattern (columns) on every class (rows), each with another mark
+        render(Scene("grass", (ToyObject(cls, "orange", "center", "big", look=_look(pattern, i + j)),), seed=i))
+        for i, cls in enumerate(CLASSES)
+        for j, pattern in enumerate(PATTERN_KINDS)
+    ]
+    grid(looks, len(PATTERN_KINDS), row_labels=list(CLASSES)).save(args.output / "looks.png")
     colors = list(COLORS)
     classes = [
         render(Scene(bg, (ToyObject(cls, colors[(i + 2 * j) % len(colors)], "center", "big"),), seed=j))

@@ -2,7 +2,7 @@
 
 Half of the training images are passed through the toy model's autoencoder (encode + decode), so the reader
 also reads decoded (generated) images, whose edges and textures are softer than rendered ones. Scenes include
-two objects at any two positions, no object at all, and personal concepts' looks (class known, color not).
+two objects at any two positions, no object at all, looks (patterns in two colors, marks) and personal concepts.
 
     python examples/toy_world/train_reader.py --vae examples/toy_world/model
 
@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from diffusers_infusion.toy.concepts import CONCEPTS  # noqa: E402
+from diffusers_infusion.toy.looks import random_look  # noqa: E402
 from diffusers_infusion.toy.reader import (  # noqa: E402
     READER_PATH,
     ToyReaderNet,
@@ -47,7 +49,10 @@ EVAL_SEED = 10_000_000  # evaluation scenes use seeds from here on; training nev
 
 
 def reader_scene(seed: int) -> Scene:
-    """A random scene for the reader: like the world's, plus any position pairs, empty scenes and concepts."""
+    """A random scene for the reader: like the world's, plus any position pairs, empty scenes and concepts.
+
+    Half of the objects wear a random look (one in five of them a held-out one: the reader reads every look).
+    """
     rng = random.Random(f"reader-{seed}")
     scene = sample_scene(seed, two_objects_prob=0.3)
     if rng.random() < 0.03:
@@ -56,6 +61,10 @@ def reader_scene(seed: int) -> Scene:
     if len(objects) == 2:
         positions = rng.choice([("left", "right"), ("left", "center"), ("center", "right")])
         objects = [ToyObject(rng.choice(CLASSES), rng.choice(list(COLORS)), p, "small") for p in positions]
+    objects = [
+        replace(o, look=random_look(rng, o.cls, o.color, held_out=rng.random() < 0.2)) if rng.random() < 0.5 else o
+        for o in objects
+    ]
     if rng.random() < 0.15:
         i = rng.randrange(len(objects))
         concept = rng.choice(list(CONCEPTS.values()))
@@ -96,9 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", type=Path, default=Path("examples/toy_world/model"), help="model folder with vae/")
     parser.add_argument("--output", type=Path, default=READER_PATH)
-    parser.add_argument("--num-images", type=int, default=12000)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--num-images", type=int, default=24000)
+    parser.add_argument("--steps", type=int, default=4500)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -111,8 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     x, scenes = build_set(range(args.num_images), vae, 0.5)
     targets = [scene_targets(s) for s in scenes]
     bg = torch.tensor([t[0] for t in targets])  # (N,)
-    cls = torch.tensor([t[1] for t in targets])  # (N, 3)
-    col = torch.tensor([t[2] for t in targets])  # (N, 3)
+    slots = torch.tensor([t[1] for t in targets])  # (N, 3, heads)
 
     net = ToyReaderNet()
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -124,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         idx = torch.randint(0, len(x), (args.batch,), generator=gen)
         xb = x[idx] * (0.9 + 0.2 * torch.rand(args.batch, 1, 1, 1, generator=gen))  # brightness jitter
         xb = xb + 0.03 * torch.rand(args.batch, 1, 1, 1, generator=gen) * torch.randn(xb.shape, generator=gen)
-        loss = reader_loss(net, xb.clamp(0, 1), bg[idx], cls[idx], col[idx])
+        loss = reader_loss(net, xb.clamp(0, 1), bg[idx], slots[idx])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

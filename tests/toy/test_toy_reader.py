@@ -1,11 +1,15 @@
-"""The attribute reader reads fresh renders (>= 98%), and the concept-similarity score separates concepts."""
+"""The attribute reader reads fresh renders (>= 98%, looks included), and concept similarity separates concepts."""
 
 from __future__ import annotations
+
+import random
+from dataclasses import replace
 
 import pytest
 
 from diffusers_infusion.toy.concepts import CONCEPTS, concept_similarity
-from diffusers_infusion.toy.reader import read_images, reader_accuracy
+from diffusers_infusion.toy.looks import Look, random_look
+from diffusers_infusion.toy.reader import look_matches, read_images, reader_accuracy
 from diffusers_infusion.toy.world import Scene, ToyObject, render, sample_scene
 
 FRESH_SEED = 20_000_000  # neither the reader's training nor its evaluation in train_reader.py used these
@@ -16,6 +20,31 @@ def test_reader_accuracy_on_fresh_renders():
     acc = reader_accuracy(scenes)
     for key in ("background", "class", "color", "position"):
         assert acc[key] >= 0.98, (key, acc)
+
+
+def test_reader_reads_looks_on_fresh_renders():
+    """Pattern with both colors, and the mark with its color, on fresh scenes where every object wears a look."""
+    rng = random.Random(FRESH_SEED)
+    scenes = []
+    for i in range(400):
+        scene = sample_scene(FRESH_SEED + 1000 + i, two_objects_prob=0.25)
+        looks = (replace(o, look=random_look(rng, o.cls, o.color, held_out=i % 2 == 0)) for o in scene.objects)
+        scenes.append(replace(scene, objects=tuple(looks)))
+    acc = reader_accuracy(scenes)
+    for key in ("background", "class", "color", "position", "pattern"):
+        assert acc[key] >= 0.98, (key, acc)
+    # Marks: the color is read, the shape (a star, heart, disc or square 5-8 pixels across) only about 3 times in 4;
+    # no score uses the mark; the 98% that issue #14 asks for is still open (docs/toy_world.md, the reader).
+    assert acc["mark"] >= 0.7, acc
+
+
+def test_reader_reads_a_known_look():
+    look = Look("sides", "red", "yellow", "badge", "blue")
+    reading = read_images([render(Scene("grass", (ToyObject("dog", "red", "right", look=look),), seed=5))])[0]
+    got = reading.main
+    assert (got.cls, got.position, got.pattern, got.color, got.color_b) == ("dog", "right", "sides", "red", "yellow")
+    assert (got.mark, got.mark_color) == ("badge", "blue")
+    assert look_matches(got, look) and not look_matches(got, Look("sides", "yellow", "red"))
 
 
 def test_reader_reads_a_known_scene():
@@ -42,15 +71,11 @@ def test_concept_similarity(name):
     assert max(concept_similarity(plain, concept)) < 0.05  # a one-color object lacks a main color
 
 
-def test_concept_similarity_asks_for_every_main_color(monkeypatch):
+def test_concept_similarity_asks_for_every_main_color():
     """The concept's look painted in its first main color only (band and body alike) is not the concept."""
-    from diffusers_infusion.toy import concepts
-    from diffusers_infusion.toy.world import PATTERNS
-
     concept = CONCEPTS["my_cat"]
-    base, _, mark = concept.colors
-    monkeypatch.setitem(PATTERNS, "one_color_cat", concepts._PAINTERS["my_cat"](base, base, mark))
-    obj = ToyObject("cat", "white", concept.position, concept.size, pattern="one_color_cat")
+    one_color_look = Look("plain", concept.look.a, concept.look.a, concept.look.mark, concept.look.mark_color)
+    obj = ToyObject("cat", concept.look.a, concept.position, concept.size, look=one_color_look)
     one_color = render(Scene(concept.background, (obj,), seed=1))
     own = render(Scene(concept.background, (concept.object(),), seed=1))
     assert concept_similarity([one_color], concept)[0] < 0.05

@@ -1,10 +1,11 @@
 """Personal concepts of the toy world, and the concept-similarity score (the toy analogue of CLIP-I / DINO).
 
-A personal concept is an *instance* of a class word that looks like nothing the base model was trained on:
-the class silhouette painted in two of the world's colors, in large regions, with a mark in a third (e.g.
-``my_cat``: an orange cat with a broad blue band and a white star), where every object the base model saw has
-one color. The regions are large and the colors the world's own because the toy VAE (8x16x16 latents) keeps
-those and loses thin stripes and colors it never saw. Each has a handful of training photos, all in
+A personal concept is an *instance* of a class word that the base model never saw: a :class:`~.looks.Look` (the
+class silhouette painted in a pattern of two of the world's colors, in large regions, with a mark in a third; e.g.
+``my_cat``: a cat split diagonally into green and orange, with a yellow star). The base model was trained on every
+piece of it (cats, the diagonal split, green and orange, stars) but never on that class with that pattern in those
+two colors, in either order (:func:`~.looks.is_look_held_out`). The regions are large because the toy VAE (8x16x16
+latents) keeps those and loses thin stripes. Each has a handful of training photos, all in
 **one** background and position (so a method that overfits learns the background too), shipped as PNGs in
 ``examples/toy_world/concepts/<name>/`` with a ``metadata.jsonl`` (datasets imagefolder convention).
 
@@ -16,15 +17,15 @@ concept's own look, 0 for a plain instance of the class).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from .looks import CONCEPT_LOOKS, Look, paint_look
 from .world import COLORS, PATTERNS, POSITIONS, SIZE, Scene, ToyObject, render, to_array
 
 CONCEPTS_DIR = Path(__file__).resolve().parents[3] / "examples" / "toy_world" / "concepts"
@@ -32,19 +33,31 @@ CONCEPTS_DIR = Path(__file__).resolve().parents[3] / "examples" / "toy_world" / 
 
 @dataclass(frozen=True)
 class ToyConcept:
-    """A personal concept: its class word, look (colors: base, pattern, mark) and where its photos were shot."""
+    """A personal concept: its class word, its look (a :class:`~.looks.Look`) and where its photos were shot."""
 
     name: str
     class_word: str
-    colors: tuple[tuple[int, int, int], ...]  # (base, pattern, mark)
+    look: Look
     background: str
     position: str
     size: str = "big"
     num_photos: int = 5
 
+    @property
+    def colors(self) -> tuple[tuple[int, int, int], ...]:
+        """RGB of the look's colors: (a, b, mark)."""
+        return tuple(COLORS[c] for c in (self.look.a, self.look.b, self.look.mark_color))
+
     def object(self, position: str | None = None, size: str | None = None) -> ToyObject:
         """The concept as a scene object (at its photos' position and size unless given)."""
-        return ToyObject(self.class_word, "white", position or self.position, size or self.size, pattern=self.name)
+        return ToyObject(
+            self.class_word,
+            self.look.a,
+            position or self.position,
+            size or self.size,
+            pattern=self.name,
+            look=self.look,
+        )
 
     def photo_scenes(self) -> list[Scene]:
         """The scenes of the concept's training photos: one background, one position, different seeds."""
@@ -55,72 +68,17 @@ class ToyConcept:
         return [render(s) for s in self.photo_scenes()]
 
 
-def _band(base, band, mark):
-    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
-        d = ImageDraw.Draw(img)
-        d.rectangle((0, 0, *img.size), fill=base)
-        d.rectangle((0, cy - 0.1 * s, img.size[0], cy + 0.45 * s), fill=band)  # a broad band across the body
-        _star(d, cx, cy - 0.55 * s, 0.3 * s, mark)
-
-    return paint
-
-
-def _halves_side(left, right, mark):
-    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
-        d = ImageDraw.Draw(img)
-        d.rectangle((0, 0, cx, img.size[1]), fill=left)
-        d.rectangle((cx, 0, img.size[0], img.size[1]), fill=right)
-        r = 0.3 * s
-        d.ellipse((cx - r, cy + 0.2 * s - r, cx + r, cy + 0.2 * s + r), fill=mark)  # a round badge
-
-    return paint
-
-
-def _halves_top(top, bottom, mark):
-    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
-        d = ImageDraw.Draw(img)
-        d.rectangle((0, 0, img.size[0], cy), fill=top)
-        d.rectangle((0, cy, *img.size), fill=bottom)
-        r = 0.16 * s
-        x, y = cx, cy - 0.05 * s  # a heart: two circles and a triangle
-        d.ellipse((x - 2 * r, y - r, x, y + r), fill=mark)
-        d.ellipse((x, y - r, x + 2 * r, y + r), fill=mark)
-        d.polygon([(x - 1.9 * r, y + 0.3 * r), (x + 1.9 * r, y + 0.3 * r), (x, y + 2.2 * r)], fill=mark)
-
-    return paint
-
-
-def _diagonal(a, b, mark):
-    def paint(img: Image.Image, cx: float, cy: float, s: float) -> None:
-        d = ImageDraw.Draw(img)
-        d.rectangle((0, 0, *img.size), fill=a)
-        d.polygon([(cx - 3 * s, cy + 3 * s), (cx + 3 * s, cy - 3 * s), (cx + 3 * s, cy + 3 * s)], fill=b)
-        d.rectangle((cx - 0.25 * s, cy - 0.25 * s, cx + 0.25 * s, cy + 0.25 * s), fill=mark)  # a square patch
-
-    return paint
-
-
-def _star(d: ImageDraw.ImageDraw, x: float, y: float, r: float, fill) -> None:
-    pts = []
-    for k in range(10):
-        rad = r if k % 2 == 0 else 0.45 * r
-        ang = -math.pi / 2 + k * math.pi / 5
-        pts.append((x + rad * math.cos(ang), y + rad * math.sin(ang)))
-    d.polygon(pts, fill=fill)
-
-
-CONCEPTS: dict[str, ToyConcept] = {
-    c.name: c
-    for c in (
-        ToyConcept("my_cat", "cat", (COLORS["orange"], COLORS["blue"], COLORS["white"]), "grass", "center"),
-        ToyConcept("my_dog", "dog", (COLORS["red"], COLORS["yellow"], COLORS["blue"]), "snow", "right"),
-        ToyConcept("my_teddy", "teddy", (COLORS["purple"], COLORS["yellow"], COLORS["red"]), "brick", "left"),
-        ToyConcept("my_cup", "cup", (COLORS["blue"], COLORS["orange"], COLORS["yellow"]), "beach", "center"),
-    )
+_SHOOTS = {
+    "my_cat": ("night", "center"),
+    "my_dog": ("snow", "right"),
+    "my_teddy": ("brick", "left"),
+    "my_cup": ("beach", "center"),
 }
-_PAINTERS = {"my_cat": _band, "my_dog": _halves_side, "my_teddy": _halves_top, "my_cup": _diagonal}
-for _c in CONCEPTS.values():
-    PATTERNS[_c.name] = _PAINTERS[_c.name](*_c.colors)
+CONCEPTS: dict[str, ToyConcept] = {
+    name: ToyConcept(name, cls, look, *_SHOOTS[name]) for name, (cls, look) in CONCEPT_LOOKS.items()
+}
+for _c in CONCEPTS.values():  # painters by name too, for scenes that name a concept's look only by ``pattern``
+    PATTERNS[_c.name] = lambda img, cx, cy, s, c=_c: paint_look(img, c.look, c.class_word, cx, cy, s)
 
 
 def write_concept_photos(root: str | Path = CONCEPTS_DIR, names: Sequence[str] | None = None) -> list[Path]:

@@ -150,7 +150,8 @@ def look_phrase(
         "diagonal": [f"{cls} split diagonally into {a} and {b}", f"{a} and {b} {cls}", f"{cls} split diagonally"],
     }[look.pattern]
     forms = forms[1:] if short else forms
-    text = pre + (forms[0] if rng is None else rng.choice(forms))
+    # The full wording half of the time, a shorter one otherwise (the model learns the look's pieces from both).
+    text = pre + (forms[0] if rng is None or rng.random() < 0.5 else rng.choice(forms[1:] or forms))
     if look.mark is not None and not short and (rng is None or rng.random() < 0.8):
         color = look.mark_color if rng is None or rng.random() < 0.8 else None
         mark = f"{color} {look.mark}" if color else look.mark

@@ -1,9 +1,9 @@
-"""The attribute reader: reads background, and class, color and position of each object, off a toy-world image.
+"""The attribute reader: reads background, and class, look and position of each object, off a toy-world image.
 
-A tiny CNN (0.44 M parameters, 0.9 MB in fp16, shipped as ``reader.safetensors`` beside this file) trained on
-freshly rendered scenes, half of them passed through the toy model's autoencoder so that it also reads decoded
-images. For each of the three position slots (left, center, right) it predicts whether an object is there, its
-class and its color; for the whole image, the background.
+A tiny CNN (shipped as ``reader.safetensors`` beside this file, fp16) trained on freshly rendered scenes, half of
+them passed through the toy model's autoencoder so that it also reads decoded images. For each of the three
+position slots (left, center, right) it predicts whether an object is there, its class, its look (first color,
+pattern, second color, mark and mark color); for the whole image, the background.
 
     from diffusers_infusion.toy.reader import read_images
     readings = read_images(images)          # PIL images or a (N, 64, 64, 3) array in [0, 1]
@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .world import BACKGROUNDS, CLASSES, COLORS, POSITIONS, Scene, to_array
+from .looks import MARKS, PATTERN_KINDS
+from .world import BACKGROUNDS, CLASSES, COLORS, POSITIONS, UNNAMED_LOOK_PREFIX, Scene, to_array
 
 logger = logging.getLogger(__name__)
 
@@ -31,37 +32,72 @@ SLOTS: tuple[str, ...] = tuple(POSITIONS)  # left, center, right
 _COLORS = tuple(COLORS)
 _N_CLS = len(CLASSES) + 1  # index 0: no object in this slot
 _N_COL = len(_COLORS)
+_N_MARK = len(MARKS) + 1  # index 0: no mark
+#: Per slot: class (6), color a (8), color b (8), pattern (5), mark (5), mark color (8).
+HEADS: tuple[tuple[str, int], ...] = (
+    ("cls", _N_CLS), ("color", _N_COL), ("color_b", _N_COL), ("pattern", len(PATTERN_KINDS)), ("mark", _N_MARK),
+    ("mark_color", _N_COL),
+)  # fmt: skip
+_PER_SLOT = sum(n for _, n in HEADS)
+
+
+def _conv(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
 class ToyReaderNet(nn.Module):
-    """CNN: (N, 3, 64, 64) in [0, 1] -> background logits (N, 5), slot class logits (N, 3, 6), color (N, 3, 8)."""
+    """CNN: (N, 3, 64, 64) in [0, 1] -> background logits (N, 5) and, per head of :data:`HEADS`, (N, 3, n).
+
+    A shared trunk makes feature maps at 32x32 (48 channels) and 16x16 (96 channels). Each position slot reads the
+    same window around its object's place from both, 40 x 32 pixels (rows 16..55, columns x - 16 .. x + 15): the
+    coarse map for class, colors and pattern, the fine one for the small marks. One slot head serves the three
+    slots, so what is learned about an object at one position serves at the others; the background is read from
+    the whole coarse map.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        chans = (3, 16, 32, 64)
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
-        layers += [nn.Conv2d(64, 32, 3, padding=1), nn.ReLU()]
-        self.features = nn.Sequential(*layers)  # (N, 32, 8, 8)
-        self.fc = nn.Sequential(nn.Flatten(), nn.Linear(32 * 8 * 8, 192), nn.ReLU(), nn.Dropout(0.1))
-        self.head = nn.Linear(192, len(BACKGROUNDS) + len(SLOTS) * (_N_CLS + _N_COL))
+        self.fine = nn.Sequential(*_conv(3, 24), nn.MaxPool2d(2), *_conv(24, 48), *_conv(48, 48))  # (N, 48, 32, 32)
+        self.coarse = nn.Sequential(nn.MaxPool2d(2), *_conv(48, 96))  # (N, 96, 16, 16)
+        self.down = nn.Sequential(nn.Conv2d(48, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU())
+        self.slot = nn.Sequential(
+            *_conv(96 + 64, 96), nn.MaxPool2d(2), nn.Flatten(),  # (N * 3, 96 * 5 * 4)
+            nn.Linear(96 * 5 * 4, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, _PER_SLOT),
+        )  # fmt: skip
+        self.background = nn.Linear(96, len(BACKGROUNDS))
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        out = self.head(self.fc(self.features(x - 0.5)))  # (N, 5 + 3 * 14)
-        nb = len(BACKGROUNDS)
-        slots = out[:, nb:].view(-1, len(SLOTS), _N_CLS + _N_COL)  # (N, 3, 14)
-        return out[:, :nb], slots[..., :_N_CLS], slots[..., _N_CLS:]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        fine = self.fine(x - 0.5)  # (N, 48, 32, 32)
+        coarse = self.coarse(fine)  # (N, 96, 16, 16)
+        windows = []
+        for slot in SLOTS:
+            c = POSITIONS[slot] // 4  # feature column of the slot's center: 4, 8, 12
+            f = self.down(fine[:, :, 8:28, 2 * c - 8 : 2 * c + 8])  # (N, 64, 10, 8)
+            windows.append(torch.cat([coarse[:, :, 4:14, c - 4 : c + 4], f], 1))  # (N, 160, 10, 8)
+        slots = self.slot(torch.stack(windows, 1).flatten(0, 1)).view(len(x), len(SLOTS), _PER_SLOT)  # (N, 3, 40)
+        heads, i = {}, 0
+        for name, n in HEADS:
+            heads[name] = slots[..., i : i + n]
+            i += n
+        return self.background(coarse.mean((2, 3))), heads
 
 
 @dataclass(frozen=True)
 class ToyReadObject:
-    """One object read off an image: class, color, position slot and the reader's confidence it is there."""
+    """One object read off an image: class, color, position slot, the reader's confidence it is there, its look.
+
+    ``color`` is the object's (first) color; ``pattern`` one of :data:`~.looks.PATTERN_KINDS` (``plain`` for one
+    color), ``color_b`` its second color (None when plain), ``mark`` and ``mark_color`` its mark (None when none).
+    """
 
     cls: str
     color: str
     position: str
     presence: float
+    pattern: str = "plain"
+    color_b: str | None = None
+    mark: str | None = None
+    mark_color: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,14 +109,26 @@ class Reading:
     main: ToyReadObject  # the most confident slot, even when its presence is below the threshold
 
 
-def scene_targets(scene: Scene) -> tuple[int, list[int], list[int]]:
-    """Training targets of a scene: background index, per-slot class index (0 = none), per-slot color (-100)."""
-    cls, col = [0] * len(SLOTS), [-100] * len(SLOTS)
+def scene_targets(scene: Scene) -> tuple[int, list[list[int]]]:
+    """Training targets of a scene: background index, per slot the index of each head of :data:`HEADS`.
+
+    Empty slots have class 0 and every other head ignored (-100); colors of unnamed (``rgb-``) looks and looks
+    known only by a painter's name are ignored too.
+    """
+    slots = [[0] + [-100] * (len(HEADS) - 1) for _ in SLOTS]
     for obj in scene.objects:
-        i = SLOTS.index(obj.position)
-        cls[i] = CLASSES.index(obj.cls) + 1
-        col[i] = _COLORS.index(obj.color) if obj.pattern is None else -100
-    return BACKGROUNDS.index(scene.background), cls, col
+        t = slots[SLOTS.index(obj.position)]
+        t[0] = CLASSES.index(obj.cls) + 1
+        look = obj.look
+        if look is not None:
+            t[1:] = [_COLORS.index(look.a), _COLORS.index(look.b), PATTERN_KINDS.index(look.pattern)]
+            t.append(MARKS.index(look.mark) + 1 if look.mark else 0)
+            t.append(_COLORS.index(look.mark_color) if look.mark else -100)
+        elif obj.pattern is None:
+            t[1:] = [_COLORS.index(obj.color), _COLORS.index(obj.color), 0, 0, -100]
+        elif obj.pattern.startswith(UNNAMED_LOOK_PREFIX):  # one unnamed color, no mark
+            t[1:] = [-100, -100, 0, 0, -100]
+    return BACKGROUNDS.index(scene.background), slots
 
 
 def _as_tensor(images) -> torch.Tensor:
@@ -118,16 +166,28 @@ def read_images(
     x = _as_tensor(images)
     out: list[Reading] = []
     for i in range(0, len(x), batch):
-        bg, cls, col = net(x[i : i + batch])
-        p_cls = cls.softmax(-1)  # (B, 3, 6)
+        bg, heads = net(x[i : i + batch])
+        p_cls = heads["cls"].softmax(-1)  # (B, 3, 6)
         presence = 1.0 - p_cls[..., 0]  # (B, 3)
         kind = p_cls[..., 1:].argmax(-1)  # (B, 3)
-        color = col.argmax(-1)  # (B, 3)
+        best = {name: heads[name].argmax(-1) for name, _ in HEADS[1:]}  # each (B, 3)
         for b in range(len(bg)):
-            objs = [
-                ToyReadObject(CLASSES[kind[b, s]], _COLORS[color[b, s]], SLOTS[s], float(presence[b, s]))
-                for s in range(len(SLOTS))
-            ]
+            objs = []
+            for s in range(len(SLOTS)):
+                pattern = PATTERN_KINDS[best["pattern"][b, s]]
+                mark = int(best["mark"][b, s])
+                objs.append(
+                    ToyReadObject(
+                        CLASSES[kind[b, s]],
+                        _COLORS[best["color"][b, s]],
+                        SLOTS[s],
+                        float(presence[b, s]),
+                        pattern=pattern,
+                        color_b=None if pattern == "plain" else _COLORS[best["color_b"][b, s]],
+                        mark=MARKS[mark - 1] if mark else None,
+                        mark_color=_COLORS[best["mark_color"][b, s]] if mark else None,
+                    )
+                )
             objs.sort(key=lambda o: -o.presence)
             found = tuple(o for o in objs if o.presence > threshold)
             out.append(Reading(BACKGROUNDS[int(bg[b].argmax())], found, objs[0]))
@@ -139,16 +199,18 @@ def reader_accuracy(scenes: list[Scene], images=None, *, reader: ToyReaderNet | 
 
     Returns:
         Fractions in [0, 1]: ``background``; ``class``, ``color``, ``position`` over all true objects (an object
-        counts as found at its position when the reader's object at that slot is present); ``count`` (the number
-        of objects read equals the truth).
+        counts as found at its position when the reader's object at that slot is present; ``color`` over objects
+        of a known first color); ``pattern`` (pattern and both colors right), ``mark`` (mark and its color right,
+        or no mark read where there is none) over objects with a :class:`~.looks.Look`; ``count`` (the number of
+        objects read equals the truth).
     """
     from .world import render
 
     if images is None:
         images = [render(s) for s in scenes]
     readings = read_images(images, reader=reader)
-    hits = {"background": 0, "class": 0, "color": 0, "position": 0, "count": 0}
-    n_obj = n_col = 0
+    hits = dict.fromkeys(("background", "class", "color", "position", "count", "pattern", "mark"), 0)
+    n_obj = n_col = n_look = 0
     for scene, reading in zip(scenes, readings):
         hits["background"] += reading.background == scene.background
         hits["count"] += len(reading.objects) == len(scene.objects)
@@ -158,23 +220,38 @@ def reader_accuracy(scenes: list[Scene], images=None, *, reader: ToyReaderNet | 
             got = by_pos.get(obj.position)
             hits["position"] += got is not None
             hits["class"] += got is not None and got.cls == obj.cls
-            if obj.pattern is None:
+            if obj.pattern is None or obj.look is not None:
                 n_col += 1
                 hits["color"] += got is not None and got.color == obj.color
+            if obj.look is not None:
+                n_look += 1
+                hits["pattern"] += got is not None and look_matches(got, obj.look)
+                hits["mark"] += got is not None and (got.mark, got.mark_color) == (obj.look.mark, obj.look.mark_color)
     n = len(scenes)
     return {
         "background": hits["background"] / n,
         "class": hits["class"] / n_obj,
         "color": hits["color"] / max(1, n_col),
         "position": hits["position"] / n_obj,
+        "pattern": hits["pattern"] / max(1, n_look),
+        "mark": hits["mark"] / max(1, n_look),
         "count": hits["count"] / n,
     }
 
 
-def reader_loss(net: ToyReaderNet, x: torch.Tensor, bg: torch.Tensor, cls: torch.Tensor, col: torch.Tensor):
-    """Cross-entropy of the three heads; ``cls``, ``col``: (N, 3) targets, color -100 where ignored."""
-    p_bg, p_cls, p_col = net(x)
-    loss = F.cross_entropy(p_bg, bg) + F.cross_entropy(p_cls.reshape(-1, _N_CLS), cls.reshape(-1))
-    if (col >= 0).any():
-        loss = loss + F.cross_entropy(p_col.reshape(-1, _N_COL), col.reshape(-1), ignore_index=-100)
+def look_matches(read: ToyReadObject, look) -> bool:
+    """Whether a read object shows ``look``'s pattern in its two colors (the mark is not asked for)."""
+    if read.pattern != look.pattern:
+        return False
+    return read.color == look.a and (look.pattern == "plain" or read.color_b == look.b)
+
+
+def reader_loss(net: ToyReaderNet, x: torch.Tensor, bg: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every head; ``slots``: (N, 3, len(HEADS)) targets, -100 where ignored."""
+    p_bg, heads = net(x)
+    loss = F.cross_entropy(p_bg, bg)
+    for k, (name, n) in enumerate(HEADS):
+        target = slots[..., k].reshape(-1)
+        if (target >= 0).any():
+            loss = loss + F.cross_entropy(heads[name].reshape(-1, n), target, ignore_index=-100)
     return loss
