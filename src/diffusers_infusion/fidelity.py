@@ -173,18 +173,13 @@ class FidelityConfig:
         )
 
 
-def _check_layers(layers) -> str | tuple[str, ...] | None:
-    if layers is None or layers == "finest":
-        return layers
-    if isinstance(layers, str):
-        layers = (layers,)
-    if (
-        isinstance(layers, Sequence)
-        and not isinstance(layers, bytes)
-        and layers
-        and all(isinstance(p, str) and p for p in layers)
-    ):
+def _check_layers(given) -> str | tuple[str, ...] | None:
+    if given is None or given == "finest":
+        return given
+    layers = (given,) if isinstance(given, str) else given
+    if isinstance(layers, Sequence) and layers and all(isinstance(p, str) and p for p in layers):
         return tuple(layers)
+    layers = given
     raise FidelityConfigError(
         f"layers={layers!r} must be None (every cross-attention layer), 'finest' (the finest resolution), or a "
         "non-empty list of layer-path prefixes such as ['up_blocks.3', 'down_blocks.0']."
@@ -297,9 +292,9 @@ class FidelityLayer:
 
     up: torch.Tensor  # (entries, value_dim, R): U of entry e's concept, zero-padded to the largest rank R
     down: torch.Tensor  # (entries, query_dim, R)
-    coefficient: torch.Tensor  # (entries,) float32: s_e · φ_e
-    max_timestep: torch.Tensor  # (entries,) float32: the gate's threshold, +inf for none
-    norm_bound: torch.Tensor  # (entries,) float32: ρ, 0 for none
+    coefficient: torch.Tensor  # (entries,) float32 (float64 for float64 calls): s_e · φ_e
+    max_timestep: torch.Tensor  # (entries,): the gate's threshold, +inf for none
+    norm_bound: torch.Tensor  # (entries,): ρ, 0 for none
 
 
 def build_fidelity_layers(
@@ -326,13 +321,15 @@ def build_fidelity_layers(
     names = list(dict.fromkeys(entry_concepts))
     index = torch.tensor([names.index(c) for c in entry_concepts], dtype=torch.long, device=device)
 
+    scalars = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 call (tight tests)
+
     def per_entry(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=device)[index]
+        return torch.tensor(values, dtype=scalars, device=device)[index]
 
     configs = {name: weights[name][0] if name in weights else None for name in names}
     max_t = per_entry([math.inf if c is None or c.max_timestep is None else c.max_timestep for c in configs.values()])
     bound = per_entry([0.0 if c is None or c.norm_bound is None else c.norm_bound for c in configs.values()])
-    coefficient = torch.tensor(list(entry_coefficients), dtype=torch.float32, device=device)
+    coefficient = torch.tensor(list(entry_coefficients), dtype=scalars, device=device)
     rank = max(c.rank for c in configs.values() if c is not None)
     layers = {}
     for layer in dict.fromkeys(layer for _, up, _ in weights.values() for layer in up):
@@ -401,7 +398,7 @@ def fidelity_term(
     w = w * torch.where(bounded[:, None], shrink, 1.0)[..., None]
     gate = torch.ones_like(layer.coefficient)
     if timesteps is not None:
-        gate = (timesteps.float() < layer.max_timestep).float()  # g(t)
+        gate = (timesteps < layer.max_timestep).to(layer.coefficient.dtype)  # g(t)
     w = w * (layer.coefficient * gate).to(exact)[:, None, None]
     term = m_obj.transpose(1, 2)[..., None] * w.view(entries, pixels, heads, -1)  # per head h: m_obj,h(p) · w_h(p)
     return term.reshape(entries, pixels, -1)

@@ -21,7 +21,6 @@ from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
 
-
 class _MapAttnProcessor:
     """Plain cross-attention that records (mode "record") or replays (mode "replay") the softmax maps."""
 
