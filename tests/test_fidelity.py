@@ -296,3 +296,16 @@ def test_ddim_scheduler_kept(pipe):
     assert isinstance(pipe.scheduler, DDIMScheduler)  # the gate tests above assume timesteps 751, 501, 251, 1
     pipe.scheduler.set_timesteps(STEPS)
     assert pipe.scheduler.timesteps.tolist() == [751, 501, 251, 1]
+
+
+def test_variants_share_one_f_stream_and_equal_separate_calls(pipe, make_knob_concept):
+    pipe.to(dtype=torch.float64)
+    concept = make_knob_concept(pipe.unet, "cat", max_timestep=600)
+    pipe.load_infusion_concept(concept, "knob")
+    pipe.load_infusion_concept(_without_knob(concept), "plain")
+    variants = [{"knob": 1.0}, {"plain": 1.0}, {"knob": 0.5}]
+    together = pipe("a photo of a cat", latents=_noise(), infusion_variants=variants, **KWARGS).images
+    for i, variant in enumerate(variants):
+        alone = pipe("a photo of a cat", latents=_noise(), infusion_concepts=variant, **KWARGS).images
+        assert (together[i] - alone[0]).abs().max() < 1e-9, variant
+    assert (together[0] - together[1]).abs().max() > 1e-4

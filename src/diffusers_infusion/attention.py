@@ -200,11 +200,6 @@ def _output_hook(state: _HookState, slot: _LayerSlot):
                 "not call attn.to_q, attn.to_k (or attn.to_kv) and attn.to_v. Use diffusers' AttnProcessor2_0 (or "
                 "a processor that calls them) with a concept that has the fidelity knob."
             )
-        if plan.fidelity_gated and state.timesteps is None:
-            raise RuntimeError(
-                "A concept's fidelity knob has a timestep gate (max_timestep), but the UNet reported no timestep "
-                "(it has no `time_proj`). Load the concept without the gate, or use a diffusers UNet2DConditionModel."
-            )
         hidden = args[0]
         state.fired = state.fidelity_fired = True
         offset = _half_offset(plan, hidden.shape[0])
@@ -311,6 +306,12 @@ def infusion_hooks(unet: torch.nn.Module, plan: InfusionPlan | None) -> Iterator
         yield
         return
     layers = cross_attention_layers(unet)
+    time_proj = getattr(getattr(unet, "_orig_mod", unet), "time_proj", None)
+    if plan is not None and plan.fidelity_gated and not isinstance(time_proj, torch.nn.Module):
+        raise RuntimeError(
+            "A concept's fidelity knob has a timestep gate (max_timestep), but this UNet has no `time_proj` to read "
+            "the timesteps from. Load the concept without the gate, or use a diffusers UNet2DConditionModel."
+        )
     state = _hook_state(unet)
     previous, state.fired, state.fidelity_fired = state.plan, False, False
     state.depth += 1
