@@ -63,7 +63,7 @@ class InfusionResiduals(torch.nn.Module):
     def load_concept(self, concept: InfusionConcept) -> None:
         """Copy a concept's residuals (and its knob, which must match this module's) into the parameters."""
         knob = concept.fidelity
-        if self.fidelity_layers and (knob is None or list(knob.up) != self.fidelity_layers
+        if self.fidelity_layers and (knob is None or set(knob.up) != set(self.fidelity_layers)
                                      or knob.config.rank != self.fidelity_config.rank):  # fmt: skip
             raise ConceptMismatchError(
                 f"Concept '{concept.class_word}' has no fidelity knob of rank {self.fidelity_config.rank} on the "
