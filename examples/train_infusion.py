@@ -60,17 +60,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused: photos are held in memory.")
     p.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward.")
     p.add_argument("--own_queries", action="store_true", help="Ablation: C attends with its own queries.")
+    p.add_argument("--fidelity_rank", type=int, default=0, help="Fidelity knob rank (docs/fidelity.md); 0: off.")
+    p.add_argument("--fidelity_max_timestep", type=float, default=None, help="Knob only for t below this.")
+    p.add_argument("--fidelity_layers", nargs="+", default=None, help="Knob layers: 'finest' or path prefixes.")
+    p.add_argument("--fidelity_norm_bound", type=float, default=None, help="Knob norm ≤ this × ‖v_obj‖.")
+    p.add_argument("--fidelity_strength", type=float, default=1.0, help="Knob's default strength at inference.")
     args = p.parse_args(argv)
     for flag in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
                  "checkpointing_steps", "validation_steps"):  # fmt: skip
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    args.fidelity = fidelity_config(args, p)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         p.error(
             f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}. Leave it out to keep "
             "every checkpoint."
         )
     return args
+
+
+def fidelity_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The fidelity knob's options from the ``--fidelity_*`` flags (``None`` for rank 0: the paper's method)."""
+    from diffusers_infusion.errors import FidelityConfigError
+    from diffusers_infusion.fidelity import FidelityConfig
+
+    layers = args.fidelity_layers
+    try:
+        config = FidelityConfig(
+            rank=args.fidelity_rank, max_timestep=args.fidelity_max_timestep, norm_bound=args.fidelity_norm_bound,
+            layers="finest" if layers == ["finest"] else None if layers is None else tuple(layers),
+            strength=args.fidelity_strength,
+        )  # fmt: skip
+    except FidelityConfigError as error:
+        parser.error(f"--fidelity_*: {error}")
+    gates = (args.fidelity_max_timestep, layers, args.fidelity_norm_bound)
+    if not config.enabled and any(v is not None for v in gates):
+        parser.error("--fidelity_max_timestep, --fidelity_layers and --fidelity_norm_bound need --fidelity_rank > 0.")
+    return config if config.enabled else None
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -87,7 +113,10 @@ def check_output_dir(output_dir: Path) -> None:
 
 
 def check_finite(loss_value: float, deltas, step: int, args: argparse.Namespace) -> None:
-    """Stop a diverged run before it writes a checkpoint or a concept holding NaN or infinite values."""
+    """Stop a diverged run before it writes a checkpoint or a concept holding NaN or infinite values.
+
+    ``deltas``: every trained tensor (Δ, and the fidelity knob's U and V when it has one).
+    """
     if math.isfinite(loss_value) and all(bool(d.detach().isfinite().all()) for d in deltas):
         return
     what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else "Δ holds NaN or infinite values"
@@ -164,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         unet.train()  # dropout-free in Stable Diffusion; needed for diffusers' checkpointing
-    model = InfusionResiduals.for_unet(unet)
+    model = InfusionResiduals.for_unet(unet, fidelity=args.fidelity, seed=args.seed)  # + the knob's U, V if asked
     components = dict(
         tokenizer=tokenizer,
         text_encoder=text_encoder,
@@ -241,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         replace_queries=not args.own_queries, weight_dtype=weight_dtype,
     )  # fmt: skip
     for step, loss_value in steps:
-        check_finite(loss_value, accelerator.unwrap_model(model).deltas, step, args)
+        check_finite(loss_value, list(accelerator.unwrap_model(model).parameters()), step, args)
         accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0]}, step=step)
         if step % args.checkpointing_steps == 0 and step < args.max_train_steps:
             save_checkpoint(step)
@@ -250,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 7. The concept, its model card and a sample grid; optionally on the Hub (without checkpoints).
     accelerator.wait_for_everyone()
-    deltas = torch.cat([d.detach().flatten() for d in accelerator.unwrap_model(model).deltas])
+    deltas = torch.cat([d.detach().flatten() for d in accelerator.unwrap_model(model).parameters()])  # Δ (+ U, V)
     gathered = accelerator.gather(deltas[None])  # (processes, values): every process must hold the same Δ
     if accelerator.is_main_process:
         if not torch.equal(gathered, gathered[:1].expand_as(gathered)):

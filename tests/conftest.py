@@ -86,3 +86,23 @@ def lora_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("lora")
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
     return folder
+
+
+def _random_knob_concept(unet, class_word: str = "cat", seed: int = 0, scale: float = 1.0, **options):
+    """A ``_random_concept`` with a fidelity knob: ``FidelityConfig(**options)`` (rank 2 by default), random U."""
+    from diffusers_infusion.attention import layer_sizes
+    from diffusers_infusion.fidelity import ConceptFidelity, FidelityConfig
+
+    concept = _random_concept(unet, class_word, seed, scale)
+    gen = torch.Generator().manual_seed(seed + 1000)
+    knob = ConceptFidelity.init(layer_sizes(unet), FidelityConfig(**{"rank": 2, **options}), generator=gen)
+    for name in sorted(knob.up):
+        knob.up[name] = scale * torch.randn(knob.up[name].shape, generator=gen)
+    concept.fidelity = knob
+    return concept
+
+
+@pytest.fixture
+def make_knob_concept():
+    """``make_knob_concept(unet, class_word="cat", seed=0, scale=1.0, **FidelityConfig options)``: random Δ and U."""
+    return _random_knob_concept

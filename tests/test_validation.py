@@ -60,7 +60,7 @@ def test_numpy_and_tensor_strengths_are_numbers(cat_pipe, gen):
 def test_misspelled_infusion_keywords_are_refused_with_the_valid_ones(cat_pipe, keyword, hint):
     with pytest.raises(InfusionCallError, match=f"Unknown keyword argument '{keyword}'.*{hint}") as error:
         cat_pipe("a cat", num_inference_steps=1, **{keyword: {"cat": 0.0}})
-    assert "'infusion_concepts', 'infusion_mode'" in str(error.value)
+    assert "'infusion_concepts', 'infusion_fidelity', 'infusion_mode'" in str(error.value)
 
 
 # ------------------------------------------------------------------------------- item 7: coercions, raw errors

@@ -3,8 +3,11 @@
 File format (``infusion_concept.safetensors``): one 1-D tensor per cross-attention layer, named by the layer's
 diffusers module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn2``), of length
 ``attn2.to_v.out_features``; ``__metadata__`` holds ``class_word``, ``base_model``, ``format``,
-``format_version``, ``library_version`` and ``dtype``. Loading never unpickles and reads the file into memory once
-(``concept_io.py``).
+``format_version``, ``library_version`` and ``dtype``. A concept with the opt-in fidelity knob (``fidelity.py``) also
+holds ``<layer>.fidelity_up`` (value_dim, r) and ``<layer>.fidelity_down`` (query_dim, r) for its layers and the
+knob's options as ``fidelity_*`` metadata; such a file has ``format_version`` 2, any other file 1 (files written
+before versions were recorded have none and read as 1). A file of a newer version than this library reads is refused
+with ``ConceptFormatVersionError``. Loading never unpickles and reads the file into memory once (``concept_io.py``).
 """
 
 from __future__ import annotations
@@ -19,18 +22,28 @@ from huggingface_hub import ModelCard, ModelCardData, ModelHubMixin, hf_hub_down
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_hf_hub_args, validate_repo_id
 
-from .attention import cross_attention_layers, value_size
-from .concept_io import PICKLE_SUFFIXES, atomic_save, read_safetensors, refuse_pickle
-from .errors import ClassWordError, ConceptMismatchError, ConceptNotFoundError, FileClassWordError
+from .attention import cross_attention_layers, layer_sizes, value_size
+from .concept_io import FORMAT_VERSION as _NEWEST
+from .concept_io import KNOB_VERSION, PICKLE_SUFFIXES, atomic_save, read_safetensors, refuse_pickle
+from .errors import (
+    ClassWordError,
+    ConceptFileError,
+    ConceptMismatchError,
+    ConceptNotFoundError,
+    FidelityConfigError,
+    FileClassWordError,
+)
+from .fidelity import METADATA_KEYS, ConceptFidelity, FidelityConfig, split_tensors
 from .validation import check_relative_path, check_source
 
 logger = logging.getLogger(__name__)
 
 CONCEPT_WEIGHT_NAME = "infusion_concept.safetensors"
 FORMAT_NAME = "infusion-concept"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = str(_NEWEST)  # the newest file format this library reads and writes
 __all__ = ["CONCEPT_WEIGHT_NAME", "PICKLE_SUFFIXES", "InfusionConcept"]
-_RESERVED_METADATA = ("format", "format_version", "class_word", "base_model", "library", "library_version", "dtype")
+_RESERVED_METADATA = ("format", "format_version", "class_word", "base_model", "library", "library_version", "dtype",
+                      *METADATA_KEYS)  # fmt: skip
 
 MODEL_CARD_TEMPLATE = """---
 {{ card_data }}
@@ -42,7 +55,10 @@ A personal concept for Stable Diffusion learned with [Infusion]({{ paper_url }})
 residual per cross-attention layer ({{ num_layers }} layers, {{ num_values }} values, {{ dtype }}), bound to the
 class word **{{ class_word }}**. The base model keeps deciding layout, pose and background; prompts without the class
 word are untouched.
-
+{% if fidelity %}
+It also carries the opt-in fidelity knob (a query-conditioned low-rank value residual on the class word, gated by
+its attention map): {{ fidelity }}.
+{% endif %}
 Base model: {{ base_model | default("not recorded", true) }}
 
 ## Use it
@@ -79,10 +95,13 @@ class InfusionConcept(
         residuals: Layer path -> 1-D residual Δ_i of length ``attn2.to_v.out_features``.
         base_model: Name or path of the base model the concept was trained on (informational).
         metadata: Extra string notes kept in the file's metadata (e.g. ``converted_from``).
+        fidelity: The opt-in fidelity knob (``diffusers_infusion.fidelity.ConceptFidelity``); ``None`` (the
+            default): the paper's method.
     """
 
     def __init__(self, class_word: str, residuals: Mapping[str, torch.Tensor], *, base_model: str | None = None,
-                 metadata: Mapping[str, str] | None = None):  # fmt: skip
+                 metadata: Mapping[str, str] | None = None,
+                 fidelity: ConceptFidelity | None = None):  # fmt: skip
         if not isinstance(class_word, str) or not class_word.strip():
             raise ClassWordError(
                 f"class_word={class_word!r} is not a non-empty string. Pass the concept's word, e.g. class_word='cat'."
@@ -95,6 +114,11 @@ class InfusionConcept(
                 raise ConceptMismatchError(
                     f"residuals[{name!r}] must be a 1-D floating-point tensor (one value vector), got {shape}."
                 )
+        if fidelity is not None and not isinstance(fidelity, ConceptFidelity):
+            raise ConceptMismatchError(
+                f"fidelity={type(fidelity).__name__} must be a ConceptFidelity (diffusers_infusion.fidelity) or None."
+            )
+        self.fidelity = fidelity
         self.class_word = class_word.strip()
         self.residuals: dict[str, torch.Tensor] = dict(residuals)
         self.base_model = base_model
@@ -115,8 +139,8 @@ class InfusionConcept(
 
     @property
     def num_values(self) -> int:
-        """Number of learned numbers in the concept."""
-        return sum(t.numel() for t in self.residuals.values())
+        """Number of learned numbers in the concept (the fidelity knob's included)."""
+        return sum(t.numel() for t in self.residuals.values()) + (self.fidelity.num_values if self.fidelity else 0)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -125,7 +149,9 @@ class InfusionConcept(
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> InfusionConcept:
         """A copy (always: new tensors) with residuals converted to ``dtype`` and/or moved to ``device``."""
         residuals = {k: v.detach().to(device=device, dtype=dtype, copy=True) for k, v in self.residuals.items()}
-        return type(self)(self.class_word, residuals, base_model=self.base_model, metadata=self.metadata)
+        fidelity = None if self.fidelity is None else self.fidelity.to(dtype=dtype, device=device)
+        return type(self)(self.class_word, residuals, base_model=self.base_model, metadata=self.metadata,
+                          fidelity=fidelity)  # fmt: skip
 
     def validate_for(self, unet: torch.nn.Module) -> None:
         """Raise ``ConceptMismatchError`` unless the concept has one vector of the right length per layer."""
@@ -147,6 +173,8 @@ class InfusionConcept(
                     f"Concept '{self.class_word}': layer '{name}' expects a vector of length {size} "
                     f"(attn2.to_v.out_features), got {got}.{made_for} Load it into a pipeline of that base model."
                 )
+        if self.fidelity is not None:
+            self.fidelity.check_fits(layer_sizes(unet), concept=self.class_word)
 
     # ----------------------------------------------------------------------------------------------- saving
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -156,14 +184,17 @@ class InfusionConcept(
         metadata = {
             **self.metadata,
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": str(KNOB_VERSION if self.fidelity is not None else 1),
             "class_word": self.class_word,
             "base_model": self.base_model or "",
             "library": "diffusers-infusion",
             "library_version": __version__,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.residuals.items()}
+        if self.fidelity is not None:
+            metadata.update(self.fidelity.config.to_metadata())
+        knob = self.fidelity.tensors() if self.fidelity is not None else {}
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in {**self.residuals, **knob}.items()}
         atomic_save(tensors, Path(save_directory) / CONCEPT_WEIGHT_NAME, metadata)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
@@ -181,7 +212,20 @@ class InfusionConcept(
             num_layers=len(self.residuals),
             num_values=self.num_values,
             dtype=str(self.dtype).removeprefix("torch."),
+            fidelity=self._fidelity_summary(),
             **kwargs,
+        )
+
+    def _fidelity_summary(self) -> str:
+        """One line on the knob for the model card ('' without one)."""
+        if self.fidelity is None:
+            return ""
+        c = self.fidelity.config
+        gate = "none" if c.max_timestep is None else f"t < {c.max_timestep:g}"
+        bound = "none" if c.norm_bound is None else f"{c.norm_bound:g}"
+        return (
+            f"rank {c.rank} on {len(self.fidelity.up)} layers ({self.fidelity.num_values} values), timestep gate "
+            f"{gate}, norm bound {bound}, default strength {c.strength:g}"
         )
 
     # ----------------------------------------------------------------------------------------------- loading
@@ -234,7 +278,18 @@ class InfusionConcept(
         vector per layer, or no usable class word (then also a ``ClassWordError``).
         """
         path = Path(path)
-        residuals, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path)
+        residuals, up, down = split_tensors(tensors)
+        fidelity = None
+        if up or down:
+            try:
+                config = FidelityConfig.from_metadata(metadata)
+                fidelity = ConceptFidelity(config, up, down)
+            except (FidelityConfigError, ConceptMismatchError) as error:
+                raise ConceptFileError(
+                    f"'{path}': its fidelity knob is inconsistent ({error}). Re-save the concept with "
+                    "`save_pretrained`."
+                ) from None
         word = class_word or metadata.get("class_word", "").strip()
         if not word:
             raise FileClassWordError(
@@ -244,7 +299,7 @@ class InfusionConcept(
         if class_word and metadata.get("class_word") and class_word != metadata["class_word"]:
             logger.info("Using class_word=%r instead of the file's %r.", class_word, metadata["class_word"])
         extra = {k: v for k, v in metadata.items() if k not in _RESERVED_METADATA}
-        return cls(word, residuals, base_model=metadata.get("base_model") or None, metadata=extra)
+        return cls(word, residuals, base_model=metadata.get("base_model") or None, metadata=extra, fidelity=fidelity)
 
     @staticmethod
     def _resolve_file(name: str, *, weight_name: str | None, subfolder: str | None, **hub_kwargs) -> str:

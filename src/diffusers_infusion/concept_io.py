@@ -20,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 
-from .errors import ConceptFileError, ConceptNotFoundError
+from .errors import ConceptFileError, ConceptFormatVersionError, ConceptNotFoundError
+from .fidelity import DOWN_SUFFIX, UP_SUFFIX
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 STALE_TEMP_SECONDS = 60  # a temporary file of a dead writer older than this is removed by the next save
+# Format versions: 1 = one 1-D residual per layer (no version recorded before 0.2); 2 adds the fidelity knob's
+# 2-D tensors (``<layer>.fidelity_up``/``_down``). A file records the lowest version that reads it.
+FORMAT_VERSION = 2  # the newest version this library reads
+KNOB_VERSION = 2  # the version that introduced the fidelity knob's tensors
 
 
 def refuse_pickle(path: str | Path) -> None:
@@ -58,22 +63,43 @@ def _corrupt(path: Path, what: str) -> ConceptFileError:
     )
 
 
+def format_version(path: Path, metadata: dict) -> int:
+    """The file's ``format_version`` (1 when absent); ``ConceptFormatVersionError`` when newer than this library's."""
+    from . import __version__
+
+    text = metadata.get("format_version", "1")
+    if not text.isdigit() or int(text) < 1:
+        raise _corrupt(path, f"its format_version {text!r} is not a whole number >= 1")
+    if int(text) > FORMAT_VERSION:
+        made = metadata.get("library_version")
+        raise ConceptFormatVersionError(
+            f"'{path}' is an Infusion concept file of format version {text}"
+            + (f" (written by diffusers-infusion {made})" if made else "")
+            + f"; this diffusers-infusion ({__version__}) reads versions up to {FORMAT_VERSION}. Upgrade "
+            "diffusers-infusion (`pip install -U diffusers-infusion`) to load it."
+        )
+    return int(text)
+
+
 def _check_header(path: Path, header: dict) -> None:
-    """Refuse, from the header alone, a file that is not one 1-D float vector per layer."""
+    """Refuse, from the header alone, a file that is not one 1-D float vector per layer (plus the knob's 2-D ones)."""
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (
         isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
     ):
         raise _corrupt(path, "its __metadata__ is not a mapping of strings")
+    version = format_version(path, metadata or {})
     if not header:
         raise ConceptFileError(f"'{path}' holds no tensors; it is not an Infusion concept.")
     for name, info in header.items():
         if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
             raise _corrupt(path, f"the header entry of tensor {name!r} is malformed")
-        if len(info["shape"]) != 1 or info.get("dtype") not in FLOAT_DTYPES:
+        knob = version >= KNOB_VERSION and name.endswith((UP_SUFFIX, DOWN_SUFFIX))
+        if len(info["shape"]) != (2 if knob else 1) or info.get("dtype") not in FLOAT_DTYPES:
             raise ConceptFileError(
                 f"'{path}' is not an Infusion concept: tensor '{name}' has shape {tuple(info['shape'])} and dtype "
-                f"{info.get('dtype')}; a concept holds one 1-D float vector per cross-attention layer."
+                f"{info.get('dtype')}; a concept holds one 1-D float vector per cross-attention layer"
+                + (" (and 2-D float matrices for the fidelity knob)." if version >= KNOB_VERSION else ".")
             )
 
 
@@ -119,7 +145,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     except (SafetensorError, ValueError, RuntimeError, TypeError) as error:
         raise _corrupt(path, str(error)) from None
     for name, tensor in tensors.items():
-        if tensor.ndim != 1 or not tensor.is_floating_point():  # the header said otherwise: a lying header
+        ndim = 2 if name.endswith((UP_SUFFIX, DOWN_SUFFIX)) and format_version(path, metadata) >= KNOB_VERSION else 1
+        if tensor.ndim != ndim or not tensor.is_floating_point():  # the header said otherwise: a lying header
             raise _corrupt(path, f"tensor '{name}' has shape {tuple(tensor.shape)} and dtype {tensor.dtype}")
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())

@@ -15,6 +15,10 @@ class ConceptNotFoundError(ConceptFileError):
     """No concept file at that path, repository, revision or subfolder (or not in the cache when offline)."""
 
 
+class ConceptFormatVersionError(ConceptFileError):
+    """A concept file written in a newer file format than this library reads: upgrade diffusers-infusion."""
+
+
 class ConceptMismatchError(InfusionError, ValueError):
     """A concept does not fit a UNet: unknown layer names, missing layers, or vectors of the wrong length."""
 
@@ -33,3 +37,7 @@ class UnknownConceptError(InfusionError, ValueError):
 
 class InfusionCallError(InfusionError, ValueError):
     """Bad per-call Infusion arguments: strengths, per-prompt concepts, token indices."""
+
+
+class FidelityConfigError(InfusionError, ValueError):
+    """A bad option of the fidelity knob (``FidelityConfig``): rank, timestep gate, layers, norm bound, strength."""

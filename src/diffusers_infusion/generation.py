@@ -192,6 +192,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         return_base_images: bool,
         return_dict: bool,
         sequential: bool = False,
+        fidelity_strengths: Mapping[str, float] | None = None,
         callback_on_step_end: Callable[..., Any] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
@@ -208,6 +209,8 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
             return_base_images: Also return F's images.
             return_dict: Return an ``InfusionPipelineOutput`` (else a tuple).
             sequential: Run each UNet call as F, then C with F's recorded queries (less memory, same numbers).
+            fidelity_strengths: The fidelity knob's strength ``φ`` by concept for this call (default: each knob's
+                own ``FidelityConfig.strength``); concepts without a knob ignore it.
             callback_on_step_end: The user's callback; it sees the returned images' rows (``callbacks.py``).
             callback_on_step_end_tensor_inputs: The tensors it receives.
         """
@@ -239,6 +242,7 @@ class InfusionGenerationMixin(InfusionLoaderMixin):
         plan = build_plan(
             residuals, entries, f_rows=f_rows, n_f=0 if sequential or not exact else n_f, device=device, dtype=dtype,
             replace_queries=exact, captured_queries={} if sequential else None,
+            fidelity=self._infusion_fidelity(names), fidelity_strengths=fidelity_strengths,
         )  # fmt: skip
 
         # 2. Each image comes from its C row if it has one, else from its F row; callbacks see those rows.

@@ -15,6 +15,7 @@ from huggingface_hub.utils import validate_hf_hub_args
 
 from .concept import InfusionConcept
 from .errors import UnknownConceptError
+from .fidelity import FidelityConfig
 from .tokens import class_word_token_ids
 from .validation import check_adapter_name, check_finite_concept, check_names, check_strengths
 
@@ -82,7 +83,9 @@ class InfusionLoaderMixin:
             concept = (
                 source
                 if class_word is None
-                else InfusionConcept(class_word, source.residuals, base_model=source.base_model)
+                else InfusionConcept(
+                    class_word, source.residuals, base_model=source.base_model, fidelity=source.fidelity
+                )
             )
         else:
             concept = InfusionConcept.from_pretrained(
@@ -167,6 +170,14 @@ class InfusionLoaderMixin:
             )
 
     def _infusion_residuals(self, names: Sequence[str], device, dtype) -> dict[str, dict[str, torch.Tensor]]:
-        """Residuals of the named concepts on ``device``/``dtype``, by concept then layer."""
+        """Tensors of the named concepts on ``device``/``dtype``, by concept then name (Δ by layer path; the
+        fidelity knob's ``U``, ``V`` under their file names)."""
         loaded, _ = self._infusion_state()
-        return {n: {k: v.to(device=device, dtype=dtype) for k, v in loaded[n].residuals.items()} for n in names}
+        tensors = {n: {**loaded[n].residuals, **(loaded[n].fidelity.tensors() if loaded[n].fidelity else {})}
+                   for n in names}  # fmt: skip
+        return {n: {k: v.to(device=device, dtype=dtype) for k, v in t.items()} for n, t in tensors.items()}
+
+    def _infusion_fidelity(self, names: Sequence[str]) -> dict[str, FidelityConfig]:
+        """The fidelity knob's options of the named concepts that have one."""
+        loaded, _ = self._infusion_state()
+        return {n: loaded[n].fidelity.config for n in names if loaded[n].fidelity is not None}

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .generation import InfusionGenerationMixin, InfusionPipelineOutput
-from .validation import check_call
+from .validation import check_call, check_fidelity_strengths
 
 __all__ = ["InfusionPipeline", "InfusionPipelineOutput"]
 
@@ -50,6 +50,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
         infusion_variants: Sequence[Mapping[str, float]] | None = None,
         infusion_mode: str = "exact",
         infusion_streams: str = "batched",
+        infusion_fidelity: float | Mapping[str, float] | None = None,
         **kwargs,
     ) -> InfusionPipelineOutput | tuple:
         """Generate images with the active Infusion concepts; every ``StableDiffusionPipeline`` argument works.
@@ -69,6 +70,9 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             infusion_streams: ``"batched"`` (default): F and C rows in one UNet call per step, the fastest where
                 batching pays (GPUs). ``"sequential"``: each step runs F alone, recording its queries, then C with
                 them: the same numbers with about the activation memory of a plain call of the same batch.
+            infusion_fidelity: The strength ``φ`` of the concepts' fidelity knob (docs/fidelity.md) for this call: one
+                number for every concept, or a dict by concept name; ``None`` (default): each knob's own default
+                (``FidelityConfig.strength``). Concepts without the knob ignore it; 0.0 gives the paper's method.
 
         Returns:
             ``InfusionPipelineOutput`` with ``images``, ``nsfw_content_detected`` and ``base_images``; or, with
@@ -77,6 +81,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
             behind concept images take the same change (``diffusers_infusion.callbacks``).
         """
         check_call(prompt, kwargs)  # a misspelled infusion_* keyword would vanish into **kwargs
+        fidelity_strengths = check_fidelity_strengths(infusion_fidelity, self.get_list_infusion_concepts())
         shared = dict(
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
             guidance_scale=guidance_scale, eta=eta, ip_adapter_image=ip_adapter_image,
@@ -129,7 +134,7 @@ class InfusionPipeline(StableDiffusionPipeline, InfusionGenerationMixin):
 
         return self._generate(
             groups, n_images=n_images, exact=infusion_mode == "exact", sequential=infusion_streams == "sequential",
-            latents=latents, generator=generator,
+            fidelity_strengths=fidelity_strengths, latents=latents, generator=generator,
             embeds={"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}, run=run,
             return_base_images=return_base_images, return_dict=return_dict,
             callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,

@@ -20,7 +20,7 @@ from diffusers import StableDiffusionXLPipeline
 from .errors import InfusionCallError
 from .generation import InfusionGenerationMixin, InfusionPipelineOutput
 from .tokens import find_class_word_positions
-from .validation import check_call
+from .validation import check_call, check_fidelity_strengths
 
 __all__ = ["InfusionXLPipeline", "InfusionPipelineOutput"]
 logger = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         infusion_variants: Sequence[Mapping[str, float]] | None = None,
         infusion_mode: str = "exact",
         infusion_streams: str = "batched",
+        infusion_fidelity: float | Mapping[str, float] | None = None,
         **kwargs,
     ):
         """Generate images with the active Infusion concepts; every ``StableDiffusionXLPipeline`` argument works.
@@ -102,6 +103,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
         The Infusion arguments are those of ``InfusionPipeline.__call__``.
         """
         check_call(prompt, kwargs)  # a misspelled infusion_* keyword would vanish into **kwargs
+        fidelity_strengths = check_fidelity_strengths(infusion_fidelity, self.get_list_infusion_concepts())
         shared = dict(
             height=height, width=width, num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas,
             denoising_end=denoising_end, guidance_scale=guidance_scale, eta=eta, ip_adapter_image=ip_adapter_image,
@@ -168,7 +170,7 @@ class InfusionXLPipeline(StableDiffusionXLPipeline, InfusionGenerationMixin):
 
         return self._generate(
             groups, n_images=n_images, exact=infusion_mode == "exact", sequential=infusion_streams == "sequential",
-            latents=latents, generator=generator,
+            fidelity_strengths=fidelity_strengths, latents=latents, generator=generator,
             embeds=embeds, run=run, return_base_images=return_base_images, return_dict=return_dict,
             callback_on_step_end=callback_on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
         )  # fmt: skip

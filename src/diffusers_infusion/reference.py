@@ -4,6 +4,11 @@ The F stream runs alone and stores the softmax attention maps of every cross-att
 runs alone and multiplies those stored maps with its values ``V̄ = V + s·Δ`` (eq. 7), in float32 (or
 float64 for a float64 pipeline). Each stream
 has its own scheduler. Nothing here is shared with the fused implementation except the UNet weights.
+
+A concept with the fidelity knob (``fidelity.py``) is computed here from equation F1 as it reads: every pixel ``p``
+of the C stream gets its own value matrix, the class word's row being ``v_obj + s·(Δ + φ·g(t)·b(U Vᵀ q_F(p)))`` with
+``q_F`` the F stream's stored query, and the output is ``Σ_k m_k(p) v̄_k(p)`` with F's stored maps: no factoring
+into the map column ``m_obj`` that the fused hook uses (F2).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from diffusers.models.attention_processor import Attention
 class _MapAttnProcessor:
     """Plain cross-attention that records (mode "record") or replays (mode "replay") the softmax maps."""
 
-    def __init__(self, name: str, store: dict, residuals: Sequence[tuple[torch.Tensor, Sequence[int]]]):
+    def __init__(self, name: str, store: dict, residuals: Sequence[tuple[torch.Tensor, Sequence[int]]], knobs=()):
         self.name, self.store, self.residuals, self.mode = name, store, residuals, "record"
+        self.knobs = knobs  # (U, V, config, s·φ, positions) of the concepts with a knob in this layer
+        self.timestep: float | None = None
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         residual = hidden_states
@@ -33,28 +40,53 @@ class _MapAttnProcessor:
         q, k, v = split(q), split(k), split(v)
         cond = slice(rows // 2, rows)  # [uncond | cond]
         maps = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # (rows, heads, pixels, tokens)
+        flat_q = q.transpose(1, 2).reshape(rows, q.shape[2], -1)  # (rows, pixels, inner)
         if self.mode == "record":
             self.store[self.name] = maps[cond].clone()
+            self.store[self.name + ":query"] = flat_q[cond].clone()
         else:
+            q_f = flat_q[cond]
             if self.mode == "replay":
                 maps[cond] = self.store[self.name]  # the F stream's maps (else: own maps, the ablation)
-            v_bar = v.transpose(1, 2).reshape(rows, v.shape[2], -1).clone()  # (rows, tokens, value_dim)
+                q_f = self.store[self.name + ":query"]
+            v_base = v.transpose(1, 2).reshape(rows, v.shape[2], -1)  # (rows, tokens, value_dim)
+            v_bar = v_base.clone()
             for delta, positions in self.residuals:
                 for position in positions:
                     v_bar[cond, position] += delta.to(exact)
             v = split(v_bar)
-        out = (maps @ v).transpose(1, 2).reshape(rows, q.shape[2], -1).to(residual.dtype)
+        out = maps @ v  # (rows, heads, pixels, head_dim)
+        if self.mode != "record" and self.knobs:
+            out[cond] = self._with_knobs(maps[cond], v_bar[cond], v_base[cond], q_f, heads)
+        out = out.transpose(1, 2).reshape(rows, q.shape[2], -1).to(residual.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _with_knobs(self, maps, v_bar, v_base, q_f, heads: int) -> torch.Tensor:
+        """F1 per pixel: ``out(p) = Σ_k m_k(p) v̄_k(p)`` with the knob's pixel-dependent class-word values."""
+        n, pixels = q_f.shape[:2]
+        v_pixel = v_bar[:, None].expand(n, pixels, *v_bar.shape[1:]).clone()  # (rows, pixels, tokens, value_dim)
+        for up, down, config, coefficient, positions in self.knobs:
+            if config.max_timestep is not None and not self.timestep < config.max_timestep:
+                continue  # g(t) = 0: high noise
+            w = q_f @ down.to(q_f) @ up.to(q_f).T  # U Vᵀ q_F(p): (rows, pixels, value_dim)
+            for position in positions:
+                bounded = w
+                if config.norm_bound is not None:
+                    limit = config.norm_bound * v_base[:, position].norm(dim=-1)[:, None]  # ρ‖v_obj‖
+                    bounded = w * torch.minimum(torch.ones_like(limit), limit / w.norm(dim=-1))[..., None]
+                v_pixel[:, :, position] += coefficient * bounded
+        v_pixel = v_pixel.reshape(n, pixels, v_bar.shape[1], heads, -1)
+        return torch.einsum("nhpt,npthd->nhpd", maps, v_pixel)
 
 
 @torch.no_grad()
 def naive_infusion_latents(
     pipe: DiffusionPipeline,
     prompt: str,
-    concepts: Sequence[tuple[dict[str, torch.Tensor], float, Sequence[int]]],
+    concepts: Sequence[tuple],
     *,
     latents: torch.Tensor,
     num_inference_steps: int,
@@ -67,7 +99,9 @@ def naive_infusion_latents(
     Args:
         pipe: A Stable Diffusion or SDXL pipeline (UNet, text encoders, scheduler; processors restored).
         prompt: The prompt.
-        concepts: ``(residuals by layer, strength, token positions)`` for each concept in the prompt.
+        concepts: ``(residuals by layer, strength, token positions)`` for each concept in the prompt, or
+            ``(residuals, strength, positions, (knob, φ))`` for a concept with the fidelity knob
+            (``ConceptFidelity``) at strength ``φ``.
         latents: Initial noise (1, channels, height, width), before ``init_noise_sigma`` scaling.
         num_inference_steps: Number of denoising steps.
         guidance_scale: Classifier-free guidance scale (> 1).
@@ -93,8 +127,14 @@ def naive_infusion_latents(
     for name in original:
         layer = name.removesuffix(".processor")
         if layer.endswith("attn2"):
-            residuals = [(res[layer].to(device) * strength, pos) for res, strength, pos in concepts]
-            processors[name] = _MapAttnProcessor(layer, store, residuals)
+            residuals = [(res[layer].to(device) * strength, pos) for res, strength, pos, *_ in concepts]
+            knobs = []
+            for _, strength, positions, *extra in concepts:
+                knob, phi = extra[0] if extra and extra[0] is not None else (None, 0.0)
+                if knob is not None and layer in knob.up:
+                    up, down = knob.up[layer].to(device), knob.down[layer].to(device)
+                    knobs.append((up, down, knob.config, strength * phi, positions))
+            processors[name] = _MapAttnProcessor(layer, store, residuals, knobs)
         else:
             processors[name] = original[name]
     naive = [p for p in processors.values() if isinstance(p, _MapAttnProcessor)]
@@ -109,7 +149,7 @@ def naive_infusion_latents(
                 ("record", "own" if own_queries else "replay")
             ):  # F first (stores maps), then C (uses them)
                 for processor in naive:
-                    processor.mode = mode
+                    processor.mode, processor.timestep = mode, float(t)
                 x = schedulers[stream].scale_model_input(torch.cat([z[stream]] * 2), t)
                 eps_u, eps_c = unet(x, t, text, added_cond_kwargs=added, return_dict=False)[0].chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)

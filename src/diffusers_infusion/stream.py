@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from .attention import capture_queries, infusion_hooks
+from .fidelity import FidelityConfig
 from .residuals import ResidualEntry, build_plan
 
 
@@ -25,7 +26,8 @@ def _hooks_through_backward(unet: torch.nn.Module, plan) -> Iterator[None]:
     ever comes).
     """
     _remove_stale_hooks(unet)
-    residuals = [r for r in plan.value_residuals.values() if r.requires_grad]
+    knob = [t for layer in plan.fidelity_layers.values() for t in (layer.up, layer.down)]
+    residuals = [r for r in (*plan.value_residuals.values(), *knob) if r.requires_grad]
     if not (torch.is_grad_enabled() and residuals and getattr(unet, "is_gradient_checkpointing", False)):
         with infusion_hooks(unet, plan):
             yield
@@ -61,6 +63,7 @@ def dual_stream_noise_pred(
     *,
     replace_queries: bool = True,
     batched: bool = True,
+    fidelity: Mapping[str, FidelityConfig] | None = None,
     **unet_kwargs: object,
 ) -> torch.Tensor:
     """The customized model's noise prediction ``ε_θ'`` for each sample (eq. 8).
@@ -72,11 +75,14 @@ def dual_stream_noise_pred(
         encoder_hidden_states: Text encodings of the captions (batch, tokens, dim).
         placements: Per sample, the concepts it receives; a sample with none is predicted by F alone (exactly the
             base model's prediction, which is what makes concept-agnostic overfitting zero).
-        residuals: Concept name -> layer path -> Δ; may require grad (training).
+        residuals: Concept name -> layer path -> Δ (plus the fidelity knob's ``U``, ``V`` under their file names,
+            ``fidelity.split_tensors``); may require grad (training).
         replace_queries: False gives the own-query ablation (the authors' public code).
         batched: True runs F and C in one UNet call on ``[F | C]``. False runs F first without gradient, recording
             its queries, then C alone: the same numbers, and cheaper when C needs gradients (training), since
             autograd then neither stores nor back-propagates the F half.
+        fidelity: Concept name -> the options of its fidelity knob (``fidelity.py``); the knob runs at strength
+            ``φ = 1`` here (the training step's). ``None``: no knob, the paper's method.
         unet_kwargs: Passed to the UNet (e.g. ``added_cond_kwargs``).
 
     Returns:
@@ -92,12 +98,13 @@ def dual_stream_noise_pred(
         for name, strength, positions in placements[row]
     ]
     index = torch.tensor(f_rows, device=latents.device)
+    knob = dict(fidelity=fidelity, fidelity_strengths={name: 1.0 for name in fidelity or {}})
     per_row = torch.is_tensor(timesteps) and timesteps.ndim == 1
     if not replace_queries:  # own queries: no F stream at all, one call with the residuals on the placed rows
         plan = build_plan(
             residuals, [ResidualEntry(f_rows[e.c_index], e.concept, e.strength, e.positions) for e in entries],
             f_rows=list(range(n_f)), n_f=0, device=latents.device, dtype=encoder_hidden_states.dtype,
-            replace_queries=False,
+            replace_queries=False, **knob,
         )  # fmt: skip
         with _hooks_through_backward(unet, plan):
             return unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
@@ -106,7 +113,7 @@ def dual_stream_noise_pred(
             f_pred = unet(latents, timesteps, encoder_hidden_states, return_dict=False, **unet_kwargs)[0]
         plan = build_plan(
             residuals, entries, f_rows=f_rows, n_f=0, device=latents.device, dtype=encoder_hidden_states.dtype,
-            replace_queries=replace_queries, captured_queries=queries,
+            replace_queries=replace_queries, captured_queries=queries, **knob,
         )  # fmt: skip
         pick = lambda x: x.index_select(0, index)  # noqa: E731
         with _hooks_through_backward(unet, plan):
@@ -116,7 +123,7 @@ def dual_stream_noise_pred(
     expand = lambda x: torch.cat([x, x.index_select(0, index)])  # noqa: E731
     plan = build_plan(
         residuals, entries, f_rows=f_rows, n_f=n_f, device=latents.device, dtype=encoder_hidden_states.dtype,
-        replace_queries=replace_queries,
+        replace_queries=replace_queries, **knob,
     )  # fmt: skip
     with _hooks_through_backward(unet, plan):
         pred = unet(expand(latents), expand(timesteps) if per_row else timesteps, expand(encoder_hidden_states),

@@ -29,6 +29,7 @@ CALL_KEYWORDS = (
     "infusion_mode",
     "infusion_streams",
     "return_base_images",
+    "infusion_fidelity",
 )
 MAX_STRENGTH = 1000.0  # strengths are around 1 (0 = the base image); far beyond, a residual only overflows
 
@@ -138,6 +139,25 @@ def check_per_prompt(value, n_prompts: int, *, argument: str) -> list[Mapping | 
     return entries
 
 
+def check_fidelity_strengths(value, names: Sequence[str]) -> dict[str, float] | None:
+    """``infusion_fidelity``: ``None`` (each knob's own default), one number for all concepts, or a dict by name."""
+    if value is None:
+        return None
+    if _real(value) is not None:
+        return {name: check_strength(value, argument="infusion_fidelity") for name in names}
+    if not isinstance(value, Mapping):
+        raise InfusionCallError(
+            f"infusion_fidelity={value!r} must be a number (the fidelity knob's strength for every concept), a dict "
+            "by concept name, e.g. {'my-cat': 0.5}, or None for each knob's own default."
+        )
+    unknown = [n for n in value if n not in names]
+    if unknown:
+        raise UnknownConceptError(
+            f"infusion_fidelity names {unknown}, which are not loaded (loaded: {list(names)}). Name loaded concepts."
+        )
+    return {n: check_strength(s, argument=f"infusion_fidelity[{n!r}]") for n, s in value.items()}
+
+
 def _position(value) -> int | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
@@ -231,7 +251,8 @@ def warn_if_class_word_truncated(tokenizer, prompt: str, class_word: str, *, nam
 
 def check_finite_concept(concept) -> None:
     """Refuse a concept holding NaN or infinite residuals (it would render noise or black images)."""
-    for layer, tensor in concept.residuals.items():
+    knob = concept.fidelity.tensors() if getattr(concept, "fidelity", None) is not None else {}
+    for layer, tensor in {**concept.residuals, **knob}.items():
         if not torch.isfinite(tensor).all():
             raise InfusionCallError(
                 f"Concept {concept.class_word!r} has NaN or infinite values in layer {layer!r}: it comes from a "

@@ -63,3 +63,15 @@ def test_training_benchmark_reports_every_method():
     rows = run_script("training.py", "--repeats", "1")
     assert len(rows) >= 2 and rows[0][0] == "lora" and any(r[0] == "infusion" for r in rows)
     assert all(r[-1].endswith("x") for r in rows)
+
+
+def test_fidelity_benchmark_reports_every_setting_and_the_storage_table():
+    out = run("fidelity.py", "--steps", "1", "--repeats", "1")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.strip("| ").split(" | ") for line in out.stdout.splitlines() if line.startswith("| ")]
+    storage = [r for r in rows if r[0] in ("SD 1.5", "SDXL")]
+    assert [r[2] for r in storage] == ["12,480", "12,480", "83,200", "83,200"]  # Δ values: METHOD.md's figures
+    assert storage[0][4] == "24,960" and storage[2][4] == "166,400"  # value + query sizes over every layer
+    settings = [r for r in rows if r[0].startswith(("exact", "knob"))]
+    assert [r[0] for r in settings] == ["exact", "knob-r4", "knob-r4-finest", "knob-r16"]
+    assert settings[0][3] == "1.000x" and all(r[3].endswith("x") and r[5].endswith("x") for r in settings)

@@ -90,7 +90,8 @@ def training_steps(
 
     Args:
         accelerator: An ``accelerate.Accelerator`` (``model``, ``optimizer``, ``lr_scheduler`` prepared with it).
-        model: ``InfusionResiduals`` (possibly wrapped); calling it gives ``{layer: Δ}``.
+        model: ``InfusionResiduals`` (possibly wrapped); calling it gives ``{layer: Δ}`` (and the fidelity knob's
+            ``U``, ``V`` when it has one: they are learned jointly with Δ).
         optimizer: The optimizer of ``model``'s parameters.
         lr_scheduler: A learning-rate scheduler, stepped with the optimizer.
         unet: The frozen base UNet.
@@ -111,6 +112,7 @@ def training_steps(
     n_photos, latent_shape = len(inputs.captions), inputs.latent_mean.shape[1:]
     num_timesteps = noise_scheduler.config.num_train_timesteps
     dev = accelerator.device
+    fidelity = getattr(accelerator.unwrap_model(model), "fidelity_config", None)  # the knob's options, or None
     progress = tqdm(range(max_train_steps), initial=first_step, desc="Training", unit="step",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     try:
@@ -132,7 +134,7 @@ def training_steps(
                         unet, noise_scheduler, model(), z0, inputs.encodings[rows.to(dev)],
                         [inputs.positions[r] for r in rows], noise=eps.to(dev, weight_dtype), timesteps=t.to(dev),
                         mask=None if inputs.latent_masks is None else inputs.latent_masks[photo].to(dev),
-                        replace_queries=replace_queries,
+                        replace_queries=replace_queries, fidelity=fidelity,
                     )  # fmt: skip
                     accelerator.backward(loss)
                     optimizer.step()

@@ -65,7 +65,11 @@ def save_outputs(residuals: InfusionResiduals, args: Namespace, grid: PIL.Image.
         *(f"| {k} | {getattr(args, k)} |" for k in ("class_word", "max_train_steps", "learning_rate",
                                                    "train_batch_size", "gradient_accumulation_steps", "resolution",
                                                    "mixed_precision", "seed")),
+        f"| fidelity_rank | {getattr(args, 'fidelity_rank', 0)} |",
     ]  # fmt: skip
+    if getattr(args, "fidelity_rank", 0):
+        details += [f"| {k} | {getattr(args, k)} |" for k in ("fidelity_max_timestep", "fidelity_layers",
+                                                              "fidelity_norm_bound", "fidelity_strength")]  # fmt: skip
     if grid is not None:
         grid.save(output_dir / "validation.png")
         details += ["", "Validation (left: base model, right: with the concept; same seeds):", "",
