@@ -26,10 +26,11 @@ import torch
 
 from diffusers_infusion import InfusionPipeline
 from diffusers_infusion.metrics import toy_text_alignment
-from diffusers_infusion.toy import TOY_MODEL_DIR, concept_similarity, load_toy_pipeline, read_images
+from diffusers_infusion.toy import concept_similarity, load_toy_pipeline, read_images
 
 logger = logging.getLogger("demo")
 HERE = Path(__file__).resolve().parent
+TOY_MODEL = HERE / "toy_world" / "model"  # next to this script, so an installed (non-editable) package works too
 PROMPTS = [
     "a photo of a cat on the beach",
     "a cat on grass",
@@ -47,7 +48,7 @@ def train_concept(output_dir: Path, *, steps: int, seed: int) -> None:
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     script.main([
-        "--pretrained_model_name_or_path", str(TOY_MODEL_DIR),
+        "--pretrained_model_name_or_path", str(TOY_MODEL),
         "--instance_data_dir", str(HERE / "toy_world" / "concepts" / "my_cat"), "--class_word", "cat",
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "4",
         "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--checkpointing_steps", str(steps),
@@ -96,7 +97,7 @@ def main() -> None:
     trained = time.perf_counter()
 
     # 2. Base model and concept images, same seeds, in one call.
-    pipe = load_toy_pipeline(pipeline_cls=InfusionPipeline)
+    pipe = load_toy_pipeline(TOY_MODEL, pipeline_cls=InfusionPipeline)
     pipe.load_infusion_concept(concept_dir, "my_cat")
     generators = [torch.Generator().manual_seed(args.seed + i) for i in range(len(PROMPTS))]
     out = pipe(PROMPTS, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=generators,

@@ -42,15 +42,16 @@ SD15_LAYERS = {
     "output_blocks.10.1": ("up_blocks.3.attentions.1", 320),
     "output_blocks.11.1": ("up_blocks.3.attentions.2", 320),
 }
-# The toy model (layers_per_block=1; blocks CrossAttnDown, CrossAttnDown, Down / Up, CrossAttnUp, CrossAttnUp).
+# The toy model (layers_per_block=1; blocks CrossAttnDown, CrossAttnDown, Down / Up, CrossAttnUp, CrossAttnUp;
+# channels 48 / 64 / 128, toy world 2).
 TOY_LAYERS = {
-    "input_blocks.1.1": ("down_blocks.0.attentions.0", 32),
+    "input_blocks.1.1": ("down_blocks.0.attentions.0", 48),
     "input_blocks.3.1": ("down_blocks.1.attentions.0", 64),
     "middle_block.1": ("mid_block.attentions.0", 128),
     "output_blocks.2.1": ("up_blocks.1.attentions.0", 64),
     "output_blocks.3.1": ("up_blocks.1.attentions.1", 64),
-    "output_blocks.4.1": ("up_blocks.2.attentions.0", 32),
-    "output_blocks.5.1": ("up_blocks.2.attentions.1", 32),
+    "output_blocks.4.1": ("up_blocks.2.attentions.0", 48),
+    "output_blocks.5.1": ("up_blocks.2.attentions.1", 48),
 }
 
 
@@ -197,7 +198,7 @@ def test_lengths_and_layers_are_checked_against_the_target_unet(tmp_path):
     toy_config = json.loads((TOY_MODEL_DIR / "unet" / "config.json").read_text())
     with pytest.raises(ConversionError, match=r"'input_blocks.1.1.* has 320 values but 'down_blocks.0.attentions.0"):
         convert_checkpoint(sd15, toy_config)
-    extra = authors_checkpoint({**TOY_LAYERS, "input_blocks.2.1": ("", 32)})
+    extra = authors_checkpoint({**TOY_LAYERS, "input_blocks.2.1": ("", 48)})
     with pytest.raises(ConversionError, match=r"'input_blocks\.2\.1\..*' maps to 'down_blocks\.0\.attentions\.1\..*"
                                               r"which the target UNet does not have"):  # fmt: skip
         convert_checkpoint(extra, toy_config)
@@ -211,7 +212,7 @@ def test_lengths_and_layers_are_checked_against_the_target_unet(tmp_path):
     with pytest.raises(ConversionError, match=r"no value residual for 1 of .* 7 .*'down_blocks.0.attentions.0"):
         convert_checkpoint(partial, toy_config)
     stray = authors_checkpoint(TOY_LAYERS)
-    stray["target_output"]["input_blocks.1.1.transformer_blocks.0.attn1.to_v.target_output"] = torch.zeros(32)
+    stray["target_output"]["input_blocks.1.1.transformer_blocks.0.attn1.to_v.target_output"] = torch.zeros(48)
     with pytest.raises(ConversionError, match="attn1.to_v.target_output' is not a cross-attention value or key"):
         convert_checkpoint(stray, toy_config)
     with pytest.raises(ConversionError, match="holds no"):
