@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach the network
 
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
@@ -106,3 +109,19 @@ def _random_knob_concept(unet, class_word: str = "cat", seed: int = 0, scale: fl
 def make_knob_concept():
     """``make_knob_concept(unet, class_word="cat", seed=0, scale=1.0, **FidelityConfig options)``: random Δ and U."""
     return _random_knob_concept
+
+
+@pytest.fixture
+def setup(components, tmp_path):
+    """For the training script's tests: a tiny base model folder and 4 photos with captions in metadata.jsonl."""
+    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(tmp_path / "base")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    with open(photos / "metadata.jsonl", "w") as f:
+        for i in range(4):
+            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
+            pixels[5:15, 6:18] = [200, 40 * i, 40]
+            PIL.Image.fromarray(pixels).save(photos / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": "a photo of a cat"}) + "\n")
+    return tmp_path

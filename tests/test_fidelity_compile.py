@@ -5,27 +5,12 @@ others, and read their per-call data from tensors, so swapping concepts with kno
 their strengths, timestep gates, norm bounds or token positions recompiles nothing.
 """
 
-import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.utils import counters
+from test_compile import KWARGS, fresh_dynamo, graphs  # noqa: F401  (fresh_dynamo: autouse, a fresh dynamo per test)
 
 from diffusers_infusion import InfusionPipeline
 from diffusers_infusion.tiny import tiny_sd_components
-
-KWARGS = dict(num_inference_steps=2, output_type="latent")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
-
-
-def graphs() -> int:
-    return counters["stats"]["unique_graphs"]
 
 
 def build(make_knob_concept, make_concept):

@@ -116,10 +116,9 @@ def test_to_concept_and_load_concept_round_trip_the_knob(pipe):
 
 
 # ------------------------------------------------------------------------------------------------- the script
-def test_script_trains_the_knob_records_it_and_resumes_it(setup_factory, monkeypatch):
+def test_script_trains_the_knob_records_it_and_resumes_it(setup, monkeypatch):
     from test_train_script import train
 
-    setup = setup_factory()
     flags = ("--fidelity_rank", "2", "--fidelity_layers", "finest", "--fidelity_max_timestep", "800")
     out = train(setup, "knob", *flags)
     concept = InfusionConcept.from_pretrained(out)
@@ -151,28 +150,3 @@ def test_script_refuses_bad_knob_flags(flags, match, capsys):
         load_script().parse_args(["--pretrained_model_name_or_path", "x", "--instance_data_dir", "y",
                                   "--class_word", "cat", *flags])  # fmt: skip
     assert match in capsys.readouterr().err
-
-
-@pytest.fixture
-def setup_factory(components, tmp_path):
-    """``test_train_script``'s setup: a tiny base model folder and 4 photos captioned "a photo of a cat"."""
-    import json
-
-    import numpy as np
-    import PIL.Image
-    from diffusers import StableDiffusionPipeline
-
-    def make():
-        StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(tmp_path / "base")
-        photos = tmp_path / "photos"
-        photos.mkdir()
-        rng = np.random.default_rng(0)
-        with open(photos / "metadata.jsonl", "w") as f:
-            for i in range(4):
-                pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
-                pixels[5:15, 6:18] = [200, 40 * i, 40]
-                PIL.Image.fromarray(pixels).save(photos / f"{i}.png")
-                f.write(json.dumps({"file_name": f"{i}.png", "text": "a photo of a cat"}) + "\n")
-        return tmp_path
-
-    return make

@@ -8,12 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from diffusers import StableDiffusionPipeline
 from hub_server import LocalHub, point_hub_at
 from huggingface_hub import ModelCard
 
@@ -28,22 +25,6 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def setup(components, tmp_path):
-    """A tiny base model folder and 4 photos with captions in metadata.jsonl."""
-    StableDiffusionPipeline(**components, requires_safety_checker=False).save_pretrained(tmp_path / "base")
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    with open(photos / "metadata.jsonl", "w") as f:
-        for i in range(4):
-            pixels = rng.integers(0, 60, (20, 24, 3), dtype=np.uint8)
-            pixels[5:15, 6:18] = [200, 40 * i, 40]
-            PIL.Image.fromarray(pixels).save(photos / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": "a photo of a cat"}) + "\n")
-    return tmp_path
 
 
 def train(setup, output: str, *extra: str):

@@ -295,7 +295,7 @@ def train_unet(
     unet, text_encoder, opt = accelerator.prepare(unet, text_encoder, opt)
     alphas = scheduler.alphas_cumprod.to(accelerator.device)  # (1000,)
     # Where the objects are, at the latent's resolution: (N, 1, 16, 16), the share of object pixels per latent cell.
-    latent_masks = F.adaptive_avg_pool2d(masks.float(), latents.shape[-1])
+    latent_masks = F.adaptive_avg_pool2d(masks.float(), latents.shape[-1]) if args.object_weight > 0 else None
     # Drawing weights of the training images: scenes with a look come ``--look-oversample`` times as often.
     draw = torch.tensor([args.look_oversample if any(o.look for o in s.objects) else 1.0 for s in scenes])
     bar = tqdm(range(start, args.steps), desc="unet", initial=start, total=args.steps, mininterval=5)

@@ -84,22 +84,17 @@ class FidelityConfig:
                 "method), 4 is a start."
             )
         object.__setattr__(self, "rank", int(rank))
-        if self.max_timestep is not None:
-            value = _real(self.max_timestep)
+        for name, hint in (
+            ("max_timestep", "the knob acts for t < max_timestep, e.g. 400 of 1000), or None for every timestep."),
+            ("norm_bound", "ρ in ‖knob‖ ≤ ρ‖v_obj‖, e.g. 0.5), or None for no bound."),
+        ):
+            given = getattr(self, name)
+            if given is None:
+                continue
+            value = _real(given)
             if value is None or not math.isfinite(value) or value <= 0:
-                raise FidelityConfigError(
-                    f"max_timestep={self.max_timestep!r} must be a positive number (the knob acts for timesteps "
-                    "t < max_timestep, e.g. 400 of 1000), or None for every timestep."
-                )
-            object.__setattr__(self, "max_timestep", value)
-        if self.norm_bound is not None:
-            value = _real(self.norm_bound)
-            if value is None or not math.isfinite(value) or value <= 0:
-                raise FidelityConfigError(
-                    f"norm_bound={self.norm_bound!r} must be a positive number (ρ in ‖knob‖ ≤ ρ‖v_obj‖, e.g. 0.5), "
-                    "or None for no bound."
-                )
-            object.__setattr__(self, "norm_bound", value)
+                raise FidelityConfigError(f"{name}={given!r} must be a positive number ({hint}")
+            object.__setattr__(self, name, value)
         strength = _real(self.strength)
         if strength is None or not math.isfinite(strength) or abs(strength) > MAX_STRENGTH:
             raise FidelityConfigError(
