@@ -21,6 +21,10 @@ position), from the same toy model, with the same batch (4), seeds and step budg
 - **Concept similarity**: how much the object looks like the concept's photos (toy analogue of CLIP-I / DINO).
 - **Storage**: bytes of what the method saves for the concept.
 
+Two reference rows need no training: ``base`` (the base model against itself with other seeds: the metrics' floor)
+and ``base_described`` (the base model with the concept's look written out in the prompt, "a cat split diagonally
+into green and orange with a yellow star": what the text space alone can draw).
+
 The prompts below were fixed before any result was seen and are not tuned afterwards. Results are appended to
 ``<output-dir>/results.jsonl`` after every measurement (a rerun skips what is there), then summarized into
 ``<output-dir>/overfitting.md`` (mean ± std over concepts), ``overfitting.png`` (curves) and one image grid per
@@ -44,10 +48,18 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (100, 200, 400, 1000, 2000)
 METHOD_ORDER = (
-    "base",
-    "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion", "perfusion", "infusion_own_queries",
-    "infusion",
+    "base", "base_described",
+    "dreambooth", "dreambooth_lora", "textual_inversion", "textual_inversion_8v", "custom_diffusion", "perfusion",
+    "infusion_own_queries", "infusion", "infusion_fidelity_r4", "infusion_fidelity_r4_late",
 )  # fmt: skip
+#: Rows that are a method with options: label -> (method name, constructor options).
+VARIANTS = {
+    "textual_inversion_8v": ("textual_inversion", {"num_vectors": 8}),  # diffusers' --num_vectors 8
+    "infusion_fidelity_r4": ("infusion", {"fidelity": {"rank": 4}}),  # docs/fidelity.md: every layer, always on
+    "infusion_fidelity_r4_late": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 500, "norm_bound": 1.0}}),
+}
+TRAINED = METHOD_ORDER[2:]  # the base rows are references, computed for every concept
+DEFAULT_METHODS = [m for m in TRAINED if m not in VARIANTS]  # the paper's seven
 logger = logging.getLogger("overfitting")
 
 
@@ -126,6 +138,37 @@ class Evaluator:
             "storage_bytes": 0,
         }
 
+    def described_row(self) -> dict:
+        """The base model told the concept's look in words (no training): what the text space alone can draw.
+
+        The class word of each prompt becomes the look's full wording ("a cat split diagonally into green and
+        orange with a yellow star"), same seeds as the methods' images.
+        """
+        from diffusers_infusion.baselines.base import insert_identifier
+        from diffusers_infusion.metrics import (
+            encode_images,
+            toy_concept_similarity,
+            toy_text_alignment,
+            wasserstein_metric,
+        )
+        from diffusers_infusion.toy.looks import look_phrase
+
+        def described(prompts: list[str]) -> list[str]:
+            phrase = look_phrase(self.concept.class_word, self.concept.look)
+            return [insert_identifier(p, self.concept.class_word, phrase) for p in prompts]
+
+        super_images = self._base_images(described(self.super_prompts), seed=0)
+        scene_images = self._base_images(described(self.scene_prompts), seed=10_000)
+        return {
+            "wasserstein": wasserstein_metric(
+                self.base_latents, self.features(encode_images(self.base.vae, super_images))
+            ),
+            "fisher": 0.0,
+            "text_alignment": toy_text_alignment(scene_images, self.scene_prompts),
+            "concept_similarity": float(np.mean(toy_concept_similarity(scene_images, self.concept))),
+            "storage_bytes": 0,
+        }
+
     @torch.no_grad()
     def _base_images(self, prompts: list[str], *, seed: int) -> list:
         images = []
@@ -166,18 +209,23 @@ class Evaluator:
         return row, scene_images[:: self.args.scene_images][:2]
 
 
-def train_and_measure(method, data, evaluator: Evaluator, *, results: Path, concept: str, args) -> None:
-    """Train ``method`` to the last step count, measuring after each one; rows appended to ``results``."""
+def train_and_measure(method, data, evaluator: Evaluator, *, results: Path, concept: str, args, label=None) -> None:
+    """Train ``method`` to the last step count, measuring after each one; rows appended to ``results``.
+
+    Rows are written under ``label`` (default: the method's name).
+    """
     from diffusers_infusion.baselines import train_method
+
+    label = label or method.name
 
     clock = {"train_s": 0.0, "last": time.time()}
 
     def measure(step: int, method) -> None:
         clock["train_s"] += time.time() - clock["last"]
         row, cells = evaluator(method, step)
-        row = {"concept": concept, "method": method.name, "step": step, "train_s": round(clock["train_s"], 1), **row}
+        row = {"concept": concept, "method": label, "step": step, "train_s": round(clock["train_s"], 1), **row}
         for i, image in enumerate(cells):
-            image.save(results.parent / "cells" / f"{concept}_{method.name}_{step}_{i}.png")
+            image.save(results.parent / "cells" / f"{concept}_{label}_{step}_{i}.png")
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
         logger.info("%s", row)
@@ -203,26 +251,28 @@ def run(args: argparse.Namespace) -> None:
     for name in args.concepts:
         concept = CONCEPTS[name]
         todo = [m for m in args.methods if (name, m) not in done]
-        if not todo:
+        if not todo and (name, "base_described") in done:
             continue
         base = load_toy_pipeline()
         evaluator = Evaluator(base, concept, args)
         _save_base_cells(evaluator, out / "cells", name, args.scene_images)  # the grid's first column, up front
         data = load_instance_data(CONCEPTS_DIR / name, concept.class_word, resolution=64)
-        if (name, "base") not in done:
-            _drop(results, name, "base")
-            reference = evaluator.reference_row()
-            with results.open("a") as f:
-                for step in args.steps:
-                    f.write(json.dumps({"concept": name, "method": "base", "step": step, **reference}) + "\n")
+        for label, row in (("base", evaluator.reference_row), ("base_described", evaluator.described_row)):
+            if (name, label) not in done:
+                _drop(results, name, label)
+                reference = row()
+                with results.open("a") as f:
+                    for step in args.steps:
+                        f.write(json.dumps({"concept": name, "method": label, "step": step, **reference}) + "\n")
         for method_name in todo:
             _drop(results, name, method_name)  # a run cut short starts over: no mixed rows
-            cls = METHODS[method_name]
-            options = {"identifier": "my"} if method_name in ("dreambooth", "dreambooth_lora") else {}
+            cls_name, options = VARIANTS.get(method_name, (method_name, {}))
+            cls = METHODS[cls_name]
+            options = {"identifier": "my"} if cls_name in ("dreambooth", "dreambooth_lora") else dict(options)
             torch.manual_seed(args.seed)  # initial weights drawn at construction (e.g. LoRA's)
-            lr = cls.toy_learning_rate if args.learning_rate is None else args.learning_rate
+            lr = args.lr_scale * (cls.toy_learning_rate if args.learning_rate is None else args.learning_rate)
             method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
-            train_and_measure(method, data, evaluator, results=results, concept=name, args=args)
+            train_and_measure(method, data, evaluator, results=results, concept=name, args=args, label=method_name)
 
 
 def _save_base_cells(evaluator: Evaluator, cells: Path, name: str, per_prompt: int) -> None:
@@ -301,6 +351,7 @@ def report(args: argparse.Namespace) -> None:
     fig.tight_layout(rect=(0, 0, 0.87, 1))
     fig.savefig(out / "overfitting.png", dpi=110)
     plt.close(fig)
+    _tradeoff_plot(out / "tradeoff.png", methods, [s for s in (400, last) if s in steps], stat)
 
     for concept in concepts:
 
@@ -310,7 +361,7 @@ def report(args: argparse.Namespace) -> None:
             return next((p for p in paths if p.exists()), paths[0])
 
         base = [cell(f"{concept}_base_0_{i}.png") for i in range(2)]
-        trained = [m for m in methods if m != "base"]
+        trained = [m for m in methods if not m.startswith("base")]
         grid = Image.new("RGB", (66 * (2 * len(steps) + 2) + 150, 66 * (len(trained) + 1)), "white")
         from PIL import ImageDraw
 
@@ -330,6 +381,29 @@ def report(args: argparse.Namespace) -> None:
             draw.text((150 + 66 * (2 + 2 * c) + 40, 2), f"{s} steps", fill="black")
         grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out / f"grid_{concept}.png")
     print((out / "overfitting.md").read_text())
+
+
+def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> None:
+    """Fidelity against overfitting: mean concept similarity against Wasserstein and against text alignment.
+
+    One point per method (mean over concepts), one row of panels per step count; Infusion's rows in black.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(steps), 2, figsize=(11, 4.2 * len(steps)), squeeze=False)
+    for row, step in zip(axes, steps):
+        for ax, key in zip(row, ("wasserstein", "text_alignment")):
+            for m in methods:
+                x, y = stat(m, step, key)[0], stat(m, step, "concept_similarity")[0]
+                color = "black" if m.startswith("infusion") else "tab:blue" if m.startswith("base") else "tab:red"
+                ax.scatter([x], [y], color=color, s=22)
+                ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xlabel(key.replace("_", " ") + (" (lower: less overfitting)" if key == "wasserstein" else ""))
+            ax.set_ylabel("concept similarity")
+            ax.set_title(f"{step} steps, mean over concepts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _ceiling_lines(concepts: list[str]) -> list[str]:
@@ -360,7 +434,7 @@ def _bytes(n: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concepts", nargs="+", default=["my_cat", "my_dog", "my_teddy", "my_cup"])
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_ORDER[1:]), choices=METHOD_ORDER[1:])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=TRAINED)
     parser.add_argument("--steps", nargs="+", type=int, default=list(STEPS))
     parser.add_argument("--super-images", type=int, default=16, help="images per super-class prompt")
     parser.add_argument("--scene-images", type=int, default=3, help="images per new-scene prompt")
@@ -375,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=None,
         help="one learning rate for every method in --methods (default: each method's toy_learning_rate)",
+    )
+    parser.add_argument(
+        "--lr-scale", type=float, default=1.0, help="multiply each method's learning rate (a learning-rate sweep)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "overfitting")

@@ -62,3 +62,29 @@ def test_generate_matches_the_infusion_pipeline_and_file_is_a_concept(base_pipe,
 def test_unknown_class_word_is_refused(base_pipe):
     with pytest.raises(ClassWordError, match="café"):
         InfusionMethod(base_pipe, class_word="café")
+
+
+def test_fidelity_option_trains_the_knob_keeps_other_captions_and_saves(base_pipe, data, tmp_path):
+    method = InfusionMethod(base_pipe, class_word="cat", learning_rate=1e-1, fidelity={"rank": 2, "norm_bound": 0.5})
+    assert method.fidelity.rank == 2 and method.residuals.fidelity_layers
+    train_method(method, data, steps=3, progress=False)
+    assert all(u.abs().sum() > 0 for u in method.residuals.fidelity_up)  # U starts at 0 and trains
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn((2, 4, 8, 8), generator=g), torch.tensor([10, 700])
+    captions = ["a dog on snow", "a red cup"]
+    enc = base_pipe.text_encoder(base_pipe.tokenizer(captions, padding="max_length", max_length=77,
+                                                     return_tensors="pt").input_ids)[0]  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(method.noise_prediction(x, t, captions), base_pipe.unet(x, t, enc).sample)
+    plain = InfusionMethod(base_pipe, class_word="cat")
+    plain.residuals.deltas.load_state_dict(method.residuals.deltas.state_dict())
+    with torch.no_grad():  # same Δ, knob on vs off: the knob changes the class word's prediction
+        assert not torch.allclose(method.noise_prediction(x, t, ["a cat", "a cat"]),
+                                  plain.noise_prediction(x, t, ["a cat", "a cat"]))  # fmt: skip
+    again = InfusionMethod.load(base_pipe, method.save(tmp_path / "knob"))
+    assert again.fidelity == method.fidelity
+    assert all(torch.equal(a, b) for a, b in zip(again.residuals.fidelity_up, method.residuals.fidelity_up))
+    with torch.no_grad():
+        assert torch.equal(
+            again.noise_prediction(x, t, ["a cat", "a cat"]), method.noise_prediction(x, t, ["a cat"] * 2)
+        )

@@ -48,3 +48,34 @@ def test_file_loads_with_diffusers_load_textual_inversion(base_pipe, data, tmp_p
     theirs = plain(["a <concept> on snow"], generator=[torch.Generator().manual_seed(1)], num_inference_steps=3)
     ours = method.generate(["a cat on snow"], seed=1, num_inference_steps=3)[0]
     assert np.array_equal(np.asarray(ours), np.asarray(theirs.images[0]))
+
+
+def test_several_vectors_train_replace_the_word_and_load_with_diffusers(base_pipe, data, tmp_path):
+    method = TextualInversionMethod(base_pipe, class_word="cat", learning_rate=1e-1, num_vectors=3)
+    assert method.concept_prompt("a cat on snow") == "a <concept> on snow"
+    tokenizer = method.pipe.tokenizer  # training expands the token as the pipeline does
+    ids = tokenizer(["a <concept> <concept>_1 <concept>_2 on snow"], padding="max_length", return_tensors="pt")
+    assert torch.equal(method.encode_prompts(["a <concept> on snow"]), method.pipe.text_encoder(ids.input_ids)[0])
+    start = method.token.embedding.detach().clone()  # (3, dim), each row the class word's embedding
+    assert start.shape[0] == 3 and torch.equal(start[0], start[2])
+    train_method(method, data, steps=2, progress=False)
+    moved = (method.token.embedding.detach() - start).abs().sum(-1)
+    assert (moved > 0).all()  # every vector trains
+    assert not torch.equal(method.token.embedding[0], method.token.embedding[1])
+    folder = method.save(tmp_path / "ti3")
+    plain = copy.deepcopy(base_pipe)
+    plain.load_textual_inversion(folder, weight_name="learned_embeds.safetensors")  # expands to 3 tokens
+    theirs = plain(["a <concept> on snow"], generator=[torch.Generator().manual_seed(1)], num_inference_steps=3)
+    ours = method.generate(["a cat on snow"], seed=1, num_inference_steps=3)[0]
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs.images[0]))
+    again = TextualInversionMethod.load(base_pipe, folder)
+    assert torch.equal(again.token.embedding, method.token.embedding)
+    one = TextualInversionMethod(base_pipe, class_word="cat")
+    with pytest.raises(ValueError, match="num_vectors"):
+        one._load_weights(folder)
+
+
+def test_num_vectors_must_be_a_positive_integer(base_pipe):
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_vectors={bad!r}"):
+            TextualInversionMethod(base_pipe, class_word="cat", num_vectors=bad)

@@ -35,8 +35,10 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
     overfitting.main(args)
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert {(r["method"], r["step"]) for r in rows} == {
-        (m, s) for m in ("base", "infusion", "textual_inversion") for s in (2, 4)
+        (m, s) for m in ("base", "base_described", "infusion", "textual_inversion") for s in (2, 4)
     }
+    described = [r for r in rows if r["method"] == "base_described"]  # the look in words lifts the base model
+    assert described[0]["concept_similarity"] > [r for r in rows if r["method"] == "base"][0]["concept_similarity"]
     infusion = [r for r in rows if r["method"] == "infusion"]
     assert all(r["fisher"] == 0.0 for r in infusion)  # METHOD.md property 4: captions without the class word
     # Textual Inversion changes only its new token's embedding: captions without it are untouched too.
@@ -44,7 +46,7 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
     assert any(r["wasserstein"] > 0.0 for r in rows if r["method"] != "base")
     assert all(0.0 <= r["text_alignment"] <= 1.0 and r["wasserstein"] >= 0.0 for r in rows)
     assert infusion[0]["storage_bytes"] > 0
-    for name in ("overfitting.md", "overfitting.png", "grid_my_cat.png"):
+    for name in ("overfitting.md", "overfitting.png", "tradeoff.png", "grid_my_cat.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| infusion |" in (tmp_path / "overfitting.md").read_text()
 
@@ -68,6 +70,8 @@ def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkey
         def reference_row(self):
             return {}
 
+        described_row = reference_row
+
     seen, base_cell = {}, tmp_path / "cells" / "my_cat_base_0_0.png"
 
     def train_and_measure(method, *args, **kwargs):
@@ -80,3 +84,39 @@ def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkey
     methods = ["infusion", "dreambooth"]
     overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path), *flag])
     assert seen == {m: expected or METHODS[m].toy_learning_rate for m in methods}
+
+
+def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_path, monkeypatch):
+    """A variant row trains its method with its options under its own label; ``--lr-scale`` scales every rate."""
+    import PIL.Image
+
+    from diffusers_infusion.baselines import METHODS
+
+    class NoEvaluation:
+        def __init__(self, base, concept, args):
+            self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
+
+        def reference_row(self):
+            return {}
+
+        described_row = reference_row
+
+    seen = {}
+
+    def train_and_measure(method, *args, label=None, **kwargs):
+        seen[label] = (method.name, method.learning_rate, method.options())
+
+    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
+    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
+    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    methods = ["textual_inversion_8v", "infusion_fidelity_r4_late", "infusion"]
+    overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path),
+                      "--lr-scale", "3"])  # fmt: skip
+    ti, knob = METHODS["textual_inversion"], METHODS["infusion"]
+    assert seen["textual_inversion_8v"] == ("textual_inversion", 3 * ti.toy_learning_rate,
+                                            {"token": "<concept>", "num_vectors": 8})  # fmt: skip
+    name, lr, options = seen["infusion_fidelity_r4_late"]
+    assert (name, lr) == ("infusion", 3 * knob.toy_learning_rate)
+    assert options["fidelity"]["rank"] == 4 and options["fidelity"]["max_timestep"] == 500
+    assert seen["infusion"] == ("infusion", 3 * knob.toy_learning_rate, {})
+    assert "textual_inversion_8v" not in overfitting.DEFAULT_METHODS  # the default run is the paper's seven

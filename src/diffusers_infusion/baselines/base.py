@@ -56,47 +56,76 @@ def insert_identifier(prompt: str, word: str, replacement: str) -> str:
 
 
 class ConceptToken:
-    """A new token in a copied tokenizer and text encoder whose embedding is one trainable vector.
+    """New tokens in a copied tokenizer and text encoder whose embeddings are trainable vectors.
 
-    The embedding row is substituted by a forward hook on the token-embedding module, so the optimizer sees a
-    single (dim,) parameter and every other row stays bit-identical. The vector starts at the class word's
-    embedding (its last sub-token).
+    The embedding rows are substituted by a forward hook on the token-embedding module, so the optimizer sees one
+    parameter and every other row stays bit-identical. The vectors start at the class word's embedding (its last
+    sub-token). With ``num_vectors > 1`` the tokens are ``token``, ``token_1``, ... (diffusers' multi-vector
+    convention, as written by its textual-inversion script's ``--num_vectors`` and read by
+    ``load_textual_inversion``): prompts name ``token`` alone and diffusers' ``maybe_convert_prompt`` expands it
+    to ``text``, all of them in order.
+
+    Attributes:
+        token: The first (or only) token.
+        tokens: All the tokens, in order.
+        text: ``" ".join(tokens)``.
+        embedding: The trainable parameter: (dim,) for one vector, (num_vectors, dim) for several.
     """
 
-    def __init__(self, tokenizer, text_encoder: torch.nn.Module, *, token: str, init_word: str):
-        known = token in tokenizer.get_vocab() or len(tokenizer(token, add_special_tokens=False).input_ids) == 1
+    def __init__(self, tokenizer, text_encoder: torch.nn.Module, *, token: str, init_word: str, num_vectors: int = 1):
+        if not isinstance(num_vectors, int) or isinstance(num_vectors, bool) or num_vectors < 1:
+            raise ValueError(f"num_vectors={num_vectors!r}: pass a positive integer (1 for one embedding).")
+        self.tokens = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
+        vocab = tokenizer.get_vocab()
+        known = [t for t in self.tokens if t in vocab or len(tokenizer(t, add_special_tokens=False).input_ids) == 1]
         self.tokenizer = copy.deepcopy(tokenizer)
-        if known or self.tokenizer.add_tokens(token) != 1:
+        if known or self.tokenizer.add_tokens(self.tokens) != num_vectors:
             raise ValueError(
-                f"token={token!r} is already a token of the tokenizer's vocabulary. Pass a new one, e.g. '<concept>'."
+                f"token={token!r} is already a token of the tokenizer's vocabulary ({', '.join(map(repr, known))}). "
+                "Pass a new one, e.g. '<concept>'."
             )
-        self.token = token
-        self.token_id = self.tokenizer.convert_tokens_to_ids(token)
+        self.token, self.text = token, " ".join(self.tokens)
+        self.token_ids = self.tokenizer.convert_tokens_to_ids(self.tokens)
+        self.token_id = self.token_ids[0]
         self.text_encoder = copy_module(text_encoder)
         self.text_encoder.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         embeddings = self.text_encoder.get_input_embeddings()
         embeddings.weight.requires_grad_(False)
         init_ids = self.tokenizer(init_word, add_special_tokens=False).input_ids
         with torch.no_grad():
-            embeddings.weight[self.token_id] = embeddings.weight[init_ids[-1]]
-        self.embedding = torch.nn.Parameter(embeddings.weight[self.token_id].detach().clone())  # (dim,)
+            embeddings.weight[self.token_ids] = embeddings.weight[init_ids[-1]].clone()
+        start = embeddings.weight[self.token_ids].detach().clone()  # (num_vectors, dim)
+        self.embedding = torch.nn.Parameter(start[0] if num_vectors == 1 else start)
         self._ids: torch.Tensor | None = None
         embeddings.register_forward_pre_hook(self._remember_ids)
         embeddings.register_forward_hook(self._substitute)
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """The embeddings as (num_vectors, dim), in the order of ``tokens``."""
+        return self.embedding.reshape(len(self.tokens), -1)
 
     def _remember_ids(self, module, args) -> None:
         self._ids = args[0]
 
     def _substitute(self, module, args, output: torch.Tensor) -> torch.Tensor:
-        """Put the trainable vector at the new token's positions. output: (batch, tokens, dim)."""
-        mask = (self._ids == self.token_id).unsqueeze(-1)  # (batch, tokens, 1)
-        return torch.where(mask, self.embedding.to(output.dtype), output)
+        """Put the trainable vectors at the new tokens' positions. output: (batch, tokens, dim)."""
+        vectors = self.vectors.to(output.dtype)  # (num_vectors, dim)
+        for row, token_id in enumerate(self.token_ids):
+            output = torch.where((self._ids == token_id).unsqueeze(-1), vectors[row], output)
+        return output
 
     def load(self, vector: torch.Tensor) -> None:
-        """Set the embedding (e.g. from a saved file)."""
+        """Set the embeddings (e.g. from a saved file): (dim,), (1, dim) or (num_vectors, dim)."""
+        if vector.numel() != self.embedding.numel():
+            raise ValueError(
+                f"The saved embedding has {tuple(vector.shape)} values, {len(self.tokens)} x "
+                f"{self.embedding.numel() // len(self.tokens)} expected: it was trained with another num_vectors "
+                "or for another text encoder."
+            )
         with torch.no_grad():
-            self.embedding.copy_(vector.reshape(-1).to(self.embedding))
-            self.text_encoder.get_input_embeddings().weight[self.token_id] = self.embedding
+            self.embedding.copy_(vector.reshape(self.embedding.shape).to(self.embedding))
+            self.text_encoder.get_input_embeddings().weight[self.token_ids] = self.vectors
 
 
 class PersonalizationMethod(abc.ABC):
@@ -167,8 +196,14 @@ class PersonalizationMethod(abc.ABC):
         return prompt
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """Text encodings (batch, tokens, dim) of prompts with the method's tokenizer and text encoder."""
+        """Text encodings (batch, tokens, dim) of prompts with the method's tokenizer and text encoder.
+
+        Multi-vector tokens are expanded as the pipeline expands them (``maybe_convert_prompt``: ``"<concept>"`` ->
+        ``"<concept> <concept>_1 ..."``), so training sees the prompts that generation encodes.
+        """
         tokenizer = self.pipe.tokenizer
+        if hasattr(self.pipe, "maybe_convert_prompt"):
+            prompts = self.pipe.maybe_convert_prompt(list(prompts), tokenizer)
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids  # fmt: skip
         return self.pipe.text_encoder(ids.to(self.pipe.text_encoder.device))[0]

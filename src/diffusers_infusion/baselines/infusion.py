@@ -9,17 +9,22 @@ carries the concept. Storage: the concept file (``infusion_concept.safetensors``
 Learning rates: 1e-2 on Stable Diffusion (``default_learning_rate``, the paper's); 1e-2 on the toy model too
 (``toy_learning_rate``): the photos' evaluation loss falls from 0.066 to 0.060 by 400 steps and 0.057 by 1,000
 (1e-1 goes lower but breaks the images); see docs/baselines.md.
+
+``fidelity=`` trains the concept with the fidelity knob (docs/fidelity.md, :class:`~..fidelity.FidelityConfig` or
+its fields as a dict), so the overfitting benchmark can measure knob settings next to the baselines.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import PIL.Image
 import torch
 
 from ..concept import CONCEPT_WEIGHT_NAME, InfusionConcept
+from ..fidelity import FidelityConfig
 from ..pipeline import InfusionPipeline
 from ..stream import dual_stream_noise_pred
 from ..tokens import class_word_token_ids, find_class_word_positions
@@ -30,7 +35,11 @@ ADAPTER = "concept"
 
 
 class InfusionMethod(PersonalizationMethod):
-    """Infusion as in the paper: residuals on the class word's values, attention maps of the frozen base model."""
+    """Infusion as in the paper: residuals on the class word's values, attention maps of the frozen base model.
+
+    Args:
+        fidelity: The fidelity knob's options (a ``FidelityConfig`` or a dict of its fields); None: the paper's method.
+    """
 
     name: ClassVar[str] = "infusion"
     default_learning_rate: ClassVar[float] = 1e-2
@@ -38,10 +47,23 @@ class InfusionMethod(PersonalizationMethod):
     replace_queries: ClassVar[bool] = True
     pipeline_class: ClassVar[type] = InfusionPipeline
 
-    def __init__(self, pipe, *, class_word: str, learning_rate: float | None = None):
+    def __init__(
+        self,
+        pipe,
+        *,
+        class_word: str,
+        learning_rate: float | None = None,
+        fidelity: FidelityConfig | dict[str, Any] | None = None,
+    ):
         super().__init__(pipe, class_word=class_word, learning_rate=learning_rate)
         class_word_token_ids(pipe.tokenizer, self.class_word)  # raises ClassWordError for unknown words
-        self.residuals = InfusionResiduals.for_unet(self.pipe.unet).to(pipe.unet.device)
+        if isinstance(fidelity, dict):
+            fidelity = FidelityConfig(**fidelity)
+        self.residuals = InfusionResiduals.for_unet(self.pipe.unet, fidelity=fidelity).to(pipe.unet.device)
+        self.fidelity = self.residuals.fidelity_config  # None unless the knob is on (rank > 0)
+
+    def options(self) -> dict[str, Any]:
+        return {} if self.fidelity is None else {"fidelity": asdict(self.fidelity)}
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.residuals.parameters())
@@ -57,7 +79,7 @@ class InfusionMethod(PersonalizationMethod):
             encodings = self.encode_prompts(captions)  # (B, tokens, dim)
         return infusion_training_loss(
             self.pipe.unet, self.noise_scheduler, self.residuals(), latents, encodings, self._positions(captions),
-            noise=noise, timesteps=timesteps, replace_queries=self.replace_queries,
+            noise=noise, timesteps=timesteps, replace_queries=self.replace_queries, fidelity=self.fidelity,
         )  # fmt: skip
 
     def concept(self) -> InfusionConcept:
@@ -77,6 +99,7 @@ class InfusionMethod(PersonalizationMethod):
         return dual_stream_noise_pred(
             self.pipe.unet, noisy_latents, timesteps, self.encode_prompts(captions), placements,
             {ADAPTER: self.residuals()}, replace_queries=self.replace_queries,
+            fidelity=None if self.fidelity is None else {ADAPTER: self.fidelity},
         )  # fmt: skip
 
     def _save_weights(self, directory: Path) -> None:
