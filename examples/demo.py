@@ -10,6 +10,10 @@
 3. Writes the grid (rows: prompts; columns: base model, with the concept) and prints the toy reader's scores:
    concept similarity (how much the cat looks like the photos) and text alignment (does the image show what the
    prompt names: background, objects, position; ``diffusers_infusion.metrics.toy_text_alignment``).
+
+``--fidelity`` trains the concept with the opt-in fidelity knob instead (beyond the paper, docs/fidelity.md: rank 4,
+only for t < 500, norm bound 1.0, 400 steps unless ``--train_steps`` says otherwise), which draws the concept's
+two colors where the exact method paints it green.
 """
 
 from __future__ import annotations
@@ -42,8 +46,14 @@ PROMPTS = [
 ]
 
 
-def train_concept(output_dir: Path, *, steps: int, seed: int) -> None:
-    """Train the concept with the project's training script (the same code path as ``accelerate launch``)."""
+FIDELITY_FLAGS = ["--fidelity_rank", "4", "--fidelity_max_timestep", "500", "--fidelity_norm_bound", "1.0"]
+
+
+def train_concept(output_dir: Path, *, steps: int, seed: int, fidelity: bool = False) -> None:
+    """Train the concept with the project's training script (the same code path as ``accelerate launch``).
+
+    ``fidelity``: with the gated fidelity knob (``FIDELITY_FLAGS``, the setting measured in docs/fidelity.md).
+    """
     spec = importlib.util.spec_from_file_location("train_infusion", HERE / "train_infusion.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -52,7 +62,7 @@ def train_concept(output_dir: Path, *, steps: int, seed: int) -> None:
         "--instance_data_dir", str(HERE / "toy_world" / "concepts" / "my_cat"), "--class_word", "cat",
         "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "4",
         "--max_train_steps", str(steps), "--learning_rate", "1e-2", "--checkpointing_steps", str(steps),
-        "--seed", str(seed), "--report_to", "none",
+        "--seed", str(seed), "--report_to", "none", *(FIDELITY_FLAGS if fidelity else []),
     ])  # fmt: skip
 
 
@@ -82,7 +92,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=Path("out/demo.png"))
     parser.add_argument("--concept", type=Path, default=None, help="A trained concept folder (skips training).")
-    parser.add_argument("--train_steps", type=int, default=1000)
+    parser.add_argument("--train_steps", type=int, default=None, help="Training steps (1000; 400 with --fidelity).")
+    parser.add_argument("--fidelity", action="store_true", help="Train with the fidelity knob (docs/fidelity.md).")
     parser.add_argument("--steps", type=int, default=25, help="Denoising steps.")
     parser.add_argument("--guidance_scale", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -93,7 +104,8 @@ def main() -> None:
     # 1. The concept: trained here unless given.
     concept_dir = args.concept or args.output.parent / "my_cat"
     if args.concept is None:
-        train_concept(concept_dir, steps=args.train_steps, seed=args.seed)
+        steps = args.train_steps or (400 if args.fidelity else 1000)
+        train_concept(concept_dir, steps=steps, seed=args.seed, fidelity=args.fidelity)
     trained = time.perf_counter()
 
     # 2. Base model and concept images, same seeds, in one call.
