@@ -54,23 +54,26 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
 
 
+class NoEvaluation:
+    """Stands in for the benchmark's Evaluator: one base image, empty reference rows (nothing generated)."""
+
+    def __init__(self, base, concept, args):
+        import PIL.Image
+
+        self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
+
+    def reference_row(self):
+        return {}
+
+    described_row = reference_row
+
+
 @pytest.mark.parametrize("flag, expected", [([], None), (["--learning-rate", "0.003"], 0.003)])
 def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkeypatch, flag, expected):
     """``--learning-rate`` trains every chosen method at that rate; without it each uses its toy_learning_rate.
 
     Also: the base model's grid cells are on disk before the first method trains."""
-    import PIL.Image
-
     from diffusers_infusion.baselines import METHODS
-
-    class NoEvaluation:
-        def __init__(self, base, concept, args):
-            self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
-
-        def reference_row(self):
-            return {}
-
-        described_row = reference_row
 
     seen, base_cell = {}, tmp_path / "cells" / "my_cat_base_0_0.png"
 
@@ -88,18 +91,7 @@ def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkey
 
 def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_path, monkeypatch):
     """A variant row trains its method with its options under its own label; ``--lr-scale`` scales every rate."""
-    import PIL.Image
-
     from diffusers_infusion.baselines import METHODS
-
-    class NoEvaluation:
-        def __init__(self, base, concept, args):
-            self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
-
-        def reference_row(self):
-            return {}
-
-        described_row = reference_row
 
     seen = {}
 

@@ -63,12 +63,11 @@ class ConceptToken:
     sub-token). With ``num_vectors > 1`` the tokens are ``token``, ``token_1``, ... (diffusers' multi-vector
     convention, as written by its textual-inversion script's ``--num_vectors`` and read by
     ``load_textual_inversion``): prompts name ``token`` alone and diffusers' ``maybe_convert_prompt`` expands it
-    to ``text``, all of them in order.
+    to all of them, in order.
 
     Attributes:
         token: The first (or only) token.
         tokens: All the tokens, in order.
-        text: ``" ".join(tokens)``.
         embedding: The trainable parameter: (dim,) for one vector, (num_vectors, dim) for several.
     """
 
@@ -84,7 +83,7 @@ class ConceptToken:
                 f"token={token!r} is already a token of the tokenizer's vocabulary ({', '.join(map(repr, known))}). "
                 "Pass a new one, e.g. '<concept>'."
             )
-        self.token, self.text = token, " ".join(self.tokens)
+        self.token = token
         self.token_ids = self.tokenizer.convert_tokens_to_ids(self.tokens)
         self.token_id = self.token_ids[0]
         self.text_encoder = copy_module(text_encoder)
