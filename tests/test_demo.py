@@ -24,11 +24,12 @@ def test_demo_trains_writes_the_grid_and_prints_the_scores(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
     scores = re.findall(r"concept similarity (\d\.\d\d)\s+text alignment (\d\.\d\d)", log)
-    assert len(scores) == 2 and all(0.0 <= float(v) <= 1.0 for row in scores for v in row)
+    assert len(scores) == 3 and all(0.0 <= float(v) <= 1.0 for row in scores for v in row)  # base, exact, knob
     assert "Prompt without the class word untouched: True" in log
-    assert (tmp_path / "my_cat" / "infusion_concept.safetensors").exists()  # the trained concept, next to the grid
+    for folder in ("my_cat", "my_cat_fidelity"):  # the trained concepts, next to the grid
+        assert (tmp_path / folder / "infusion_concept.safetensors").exists()
     with PIL.Image.open(output) as grid:
-        assert grid.width > 400 and grid.height > 7 * 150  # seven prompt rows, two columns
+        assert grid.width > 650 and grid.height > 7 * 150  # seven prompt rows, three columns
 
 
 def test_demo_with_the_fidelity_knob_trains_a_knob_concept(tmp_path):
@@ -38,11 +39,13 @@ def test_demo_with_the_fidelity_knob_trains_a_knob_concept(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py"), "--output", str(output), "--train_steps", "3",
-         "--steps", "2", "--fidelity"],
+         "--steps", "2", "--variants", "fidelity"],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "Prompt without the class word untouched: True" in out.stdout + out.stderr
-    with safe_open(str(tmp_path / "my_cat" / "infusion_concept.safetensors"), "pt") as f:
-        assert f.metadata()["fidelity_rank"] == "4" and f.metadata()["fidelity_max_timestep"] == "500.0"
+    log = out.stdout + out.stderr
+    assert "Prompt without the class word untouched: True" in log and "Infusion + fidelity knob, 3 steps" in log
+    assert not (tmp_path / "my_cat").exists()  # only the chosen variant is trained
+    with safe_open(str(tmp_path / "my_cat_fidelity" / "infusion_concept.safetensors"), "pt") as f:
+        assert f.metadata()["fidelity_rank"] == "4" and f.metadata()["fidelity_max_timestep"] == "700.0"
         assert any(k.endswith(".fidelity_up") for k in f.keys())
