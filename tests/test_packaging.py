@@ -105,5 +105,5 @@ def test_the_demo_runs_from_the_installed_wheel(wheel, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"imported from {site / 'diffusers_infusion' / '__init__.py'}" in out.stdout
     log = out.stdout + out.stderr
-    assert len(re.findall(r"concept similarity \d\.\d\d\s+text alignment \d\.\d\d", log)) == 2  # the reader's data
+    assert len(re.findall(r"concept similarity \d\.\d\d\s+text alignment \d\.\d\d", log)) == 3  # base, exact, knob
     assert "Prompt without the class word untouched: True" in log and (tmp_path / "demo.png").is_file()
