@@ -47,23 +47,23 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (100, 200, 400, 1000, 2000)
-METHOD_ORDER = (
-    "base", "base_described",
-    "dreambooth", "dreambooth_lora", "textual_inversion", "textual_inversion_8v", "custom_diffusion", "perfusion",
-    "infusion_own_queries", "infusion",
-    "infusion_fidelity_r4", "infusion_fidelity_r4_b05", "infusion_fidelity_r4_late", "infusion_fidelity_r4_t700",
-)  # fmt: skip
+#: The paper's seven methods, in the tables' order; the default run.
+DEFAULT_METHODS = [
+    "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion", "perfusion", "infusion_own_queries",
+    "infusion",
+]  # fmt: skip
 #: Rows that are a method with options: label -> (method name, constructor options).
 VARIANTS = {
     "textual_inversion_8v": ("textual_inversion", {"num_vectors": 8}),  # diffusers' --num_vectors 8
     "infusion_fidelity_r4": ("infusion", {"fidelity": {"rank": 4}}),  # docs/fidelity.md: every layer, always on
+    "infusion_fidelity_r4_b05": ("infusion", {"fidelity": {"rank": 4, "norm_bound": 0.5}}),
     "infusion_fidelity_r4_late": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 500, "norm_bound": 1.0}}),
     # docs/fidelity.md's recommended setting: gated to t < 700
     "infusion_fidelity_r4_t700": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 700, "norm_bound": 1.0}}),
-    "infusion_fidelity_r4_b05": ("infusion", {"fidelity": {"rank": 4, "norm_bound": 0.5}}),
 }
-TRAINED = METHOD_ORDER[2:]  # the base rows are references, computed for every concept
-DEFAULT_METHODS = [m for m in TRAINED if m not in VARIANTS]  # the paper's seven
+#: Every method the benchmark trains, each variant right after its method.
+TRAINED = [row for m in DEFAULT_METHODS for row in (m, *(v for v, (base, _) in VARIANTS.items() if base == m))]
+METHOD_ORDER = ("base", "base_described", *TRAINED)  # the base rows are references, computed for every concept
 logger = logging.getLogger("overfitting")
 
 

@@ -13,8 +13,8 @@
 
 Two concepts are trained, one per column: the paper's method (1,000 steps), which keeps the base model's scenes
 but learns little of the look on the toy model, and the same method with the opt-in fidelity knob (beyond the
-paper, docs/fidelity.md: rank 4, only for t < 700, norm bound 1.0; 400 steps), which draws the cat's colors and
-star. ``--variants exact`` or ``--variants fidelity`` trains and shows one of them.
+paper, docs/fidelity.md: rank 4, only for t < 700, norm bound 1.0; 400 steps), which draws the cat's two colors
+(not its star). ``--variants exact`` or ``--variants fidelity`` trains and shows one of them.
 """
 
 from __future__ import annotations
