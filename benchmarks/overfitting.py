@@ -60,6 +60,11 @@ VARIANTS = {
     "infusion_fidelity_r4_late": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 500, "norm_bound": 1.0}}),
     # docs/fidelity.md's recommended setting: gated to t < 700
     "infusion_fidelity_r4_t700": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 700, "norm_bound": 1.0}}),
+    # the same, Δ at a fraction of the rate (its drift at high noise is what moves the layout by 2,000 steps)
+    "infusion_fidelity_r4_t700_d03": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 700, "norm_bound": 1.0},
+                                                   "residual_lr_scale": 0.3}),
+    "infusion_fidelity_r4_t700_d01": ("infusion", {"fidelity": {"rank": 4, "max_timestep": 700, "norm_bound": 1.0},
+                                                   "residual_lr_scale": 0.1}),
 }
 #: Every method the benchmark trains, each variant right after its method.
 TRAINED = [row for m in DEFAULT_METHODS for row in (m, *(v for v, (base, _) in VARIANTS.items() if base == m))]
@@ -390,7 +395,8 @@ def report(args: argparse.Namespace) -> None:
 def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> None:
     """Fidelity against overfitting: mean concept similarity against Wasserstein and against text alignment.
 
-    One point per method (mean over concepts), one row of panels per step count; Infusion's rows in black.
+    One point per method (mean over concepts), one row of panels per step count; Infusion's rows in black, the
+    fidelity knob's in green (labelled ``knob_<setting>``), the base model's in blue, the baselines' in red.
     """
     import matplotlib.pyplot as plt
 
@@ -399,9 +405,12 @@ def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> No
         for ax, key in zip(row, ("wasserstein", "text_alignment")):
             for m in methods:
                 x, y = stat(m, step, key)[0], stat(m, step, "concept_similarity")[0]
-                color = "black" if m.startswith("infusion") else "tab:blue" if m.startswith("base") else "tab:red"
+                knob = m.startswith("infusion_fidelity_")
+                color = ("tab:green" if knob else "black" if m.startswith("infusion") else
+                         "tab:blue" if m.startswith("base") else "tab:red")  # fmt: skip
                 ax.scatter([x], [y], color=color, s=22)
-                ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                label = "knob_" + m.removeprefix("infusion_fidelity_") if knob else m
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
             ax.set_xlabel(key.replace("_", " ") + (" (lower: less overfitting)" if key == "wasserstein" else ""))
             ax.set_ylabel("concept similarity")
             ax.set_title(f"{step} steps, mean over concepts")

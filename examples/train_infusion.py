@@ -65,6 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fidelity_layers", nargs="+", default=None, help="Knob layers: 'finest' or path prefixes.")
     p.add_argument("--fidelity_norm_bound", type=float, default=None, help="Knob norm ≤ this × ‖v_obj‖.")
     p.add_argument("--fidelity_strength", type=float, default=1.0, help="Knob's default strength at inference.")
+    p.add_argument("--fidelity_residual_lr_scale", type=float, default=1.0,
+                   help="With the knob: Δ's rate as a fraction of --learning_rate (U, V keep it).")  # fmt: skip
     args = p.parse_args(argv)
     for flag in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "resolution",
                  "checkpointing_steps", "validation_steps"):  # fmt: skip
@@ -94,8 +96,12 @@ def fidelity_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     except FidelityConfigError as error:
         parser.error(f"--fidelity_*: {error}")
     gates = (args.fidelity_max_timestep, layers, args.fidelity_norm_bound)
-    if not config.enabled and any(v is not None for v in gates):
-        parser.error("--fidelity_max_timestep, --fidelity_layers and --fidelity_norm_bound need --fidelity_rank > 0.")
+    if not config.enabled and (any(v is not None for v in gates) or args.fidelity_residual_lr_scale != 1.0):
+        parser.error("--fidelity_max_timestep, --fidelity_layers, --fidelity_norm_bound and "
+                     "--fidelity_residual_lr_scale need --fidelity_rank > 0.")  # fmt: skip
+    if not 0 < args.fidelity_residual_lr_scale <= 1:
+        parser.error(f"--fidelity_residual_lr_scale must be in (0, 1], got {args.fidelity_residual_lr_scale}; "
+                     "1 trains Δ at --learning_rate, as the paper does.")  # fmt: skip
     return config if config.enabled else None
 
 
@@ -207,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
                                        class_word=args.class_word, device=accelerator.device, dtype=weight_dtype)
 
     # 4. Optimizer and learning-rate schedule (counted in optimizer steps on every process, as diffusers does).
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.adam_weight_decay)
+    knob = [*model.fidelity_up, *model.fidelity_down]  # with the knob, Δ may train at a fraction of the rate
+    groups = [{"params": list(model.deltas), "lr": args.learning_rate * args.fidelity_residual_lr_scale}]
+    groups += [{"params": knob, "lr": args.learning_rate}] if knob else []
+    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,

@@ -49,3 +49,4 @@ def test_demo_with_the_fidelity_knob_trains_a_knob_concept(tmp_path):
     with safe_open(str(tmp_path / "my_cat_fidelity" / "infusion_concept.safetensors"), "pt") as f:
         assert f.metadata()["fidelity_rank"] == "4" and f.metadata()["fidelity_max_timestep"] == "700.0"
         assert any(k.endswith(".fidelity_up") for k in f.keys())
+    assert "| fidelity_residual_lr_scale | 0.3 |" in (tmp_path / "my_cat_fidelity" / "README.md").read_text()

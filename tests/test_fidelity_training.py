@@ -135,9 +135,23 @@ def test_script_trains_the_knob_records_it_and_resumes_it(setup, monkeypatch):
         )
 
 
+def test_script_trains_delta_at_the_residual_lr_scale(setup):
+    from test_train_script import train
+
+    out = train(setup, "scaled", "--fidelity_rank", "2", "--fidelity_residual_lr_scale", "0.1", "--max_train_steps",
+                "1", "--learning_rate", "1e-2")  # fmt: skip
+    concept = InfusionConcept.from_pretrained(out)  # Adam's first step moves each entry by ~ its group's rate
+    delta = max(d.abs().max().item() for d in concept.residuals.values())
+    knob = max(u.abs().max().item() for u in concept.fidelity.up.values())
+    assert 9e-4 < delta <= 1e-3 + 1e-7 and 9e-3 < knob <= 1e-2 + 1e-7
+    assert "| fidelity_residual_lr_scale | 0.1 |" in ModelCard.load(out / "README.md").text
+
+
 @pytest.mark.parametrize(
     "flags, match",
     [
+        (("--fidelity_residual_lr_scale", "0.5"), "need --fidelity_rank > 0"),
+        (("--fidelity_rank", "2", "--fidelity_residual_lr_scale", "2"), "must be in (0, 1], got 2.0"),
         (("--fidelity_rank", "-1"), "rank=-1 must be a whole number"),
         (("--fidelity_rank", "2", "--fidelity_norm_bound", "0"), "norm_bound=0.0 must be a positive number"),
         (("--fidelity_max_timestep", "300"), "need --fidelity_rank > 0"),

@@ -88,3 +88,16 @@ def test_fidelity_option_trains_the_knob_keeps_other_captions_and_saves(base_pip
         assert torch.equal(
             again.noise_prediction(x, t, ["a cat", "a cat"]), method.noise_prediction(x, t, ["a cat"] * 2)
         )
+
+
+def test_residual_lr_scale_trains_delta_at_a_fraction_of_the_knobs_rate(base_pipe, data, tmp_path):
+    method = InfusionMethod(base_pipe, class_word="cat", learning_rate=1e-1, fidelity={"rank": 2},
+                            residual_lr_scale=0.1)  # fmt: skip
+    train_method(method, data, steps=1, progress=False)  # Adam's first step moves each entry by ~ its group's rate
+    delta = max(d.abs().max().item() for d in method.residuals.deltas)
+    knob = max(u.abs().max().item() for u in method.residuals.fidelity_up)
+    assert 0.009 < delta <= 0.01 + 1e-6 and 0.09 < knob <= 0.1 + 1e-6
+    again = InfusionMethod.load(base_pipe, method.save(tmp_path / "scaled"))
+    assert again.residual_lr_scale == 0.1 and again.fidelity == method.fidelity
+    with pytest.raises(ValueError, match=r"residual_lr_scale=0 must be in \(0, 1\]"):
+        InfusionMethod(base_pipe, class_word="cat", fidelity={"rank": 2}, residual_lr_scale=0)

@@ -6,7 +6,8 @@ SD 1.5; the paper's table counts a full fp32 checkpoint).
 
 Learning rates: 5e-6 on Stable Diffusion (``default_learning_rate``, the paper's setting); 1e-4 on the toy model
 (``toy_learning_rate``), re-checked on toy world 2: concept similarity 0.20 at 400 and 1,000 steps (mean of the four
-concepts) against 0.14 / 0.18 at 2e-5, the first world's rate, with text alignment 0.97-1.0; see docs/baselines.md.
+concepts) against 0.14 / 0.18 at 2e-5, the first world's rate, and 0.22 / 0.23 at 3e-4 (text alignment 0.89 / 0.70
+there, 0.97-1.0 at 1e-4); see docs/baselines.md.
 """
 
 from __future__ import annotations

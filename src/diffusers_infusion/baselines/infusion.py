@@ -39,6 +39,8 @@ class InfusionMethod(PersonalizationMethod):
 
     Args:
         fidelity: The fidelity knob's options (a ``FidelityConfig`` or a dict of its fields); None: the paper's method.
+        residual_lr_scale: Δ's learning rate as a fraction of ``learning_rate`` (the knob's U, V keep the full rate);
+            1.0: one rate for everything, as in the paper.
     """
 
     name: ClassVar[str] = "infusion"
@@ -54,8 +56,12 @@ class InfusionMethod(PersonalizationMethod):
         class_word: str,
         learning_rate: float | None = None,
         fidelity: FidelityConfig | dict[str, Any] | None = None,
+        residual_lr_scale: float = 1.0,
     ):
         super().__init__(pipe, class_word=class_word, learning_rate=learning_rate)
+        if not (isinstance(residual_lr_scale, (int, float)) and 0 < residual_lr_scale <= 1):
+            raise ValueError(f"residual_lr_scale={residual_lr_scale!r} must be in (0, 1]; 1.0 is the paper's setting.")
+        self.residual_lr_scale = float(residual_lr_scale)
         class_word_token_ids(pipe.tokenizer, self.class_word)  # raises ClassWordError for unknown words
         if isinstance(fidelity, dict):
             fidelity = FidelityConfig(**fidelity)
@@ -63,10 +69,19 @@ class InfusionMethod(PersonalizationMethod):
         self.fidelity = self.residuals.fidelity_config  # None unless the knob is on (rank > 0)
 
     def options(self) -> dict[str, Any]:
-        return {} if self.fidelity is None else {"fidelity": asdict(self.fidelity)}
+        options = {} if self.fidelity is None else {"fidelity": asdict(self.fidelity)}
+        return options | ({} if self.residual_lr_scale == 1.0 else {"residual_lr_scale": self.residual_lr_scale})
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.residuals.parameters())
+
+    def optimizer(self) -> list[dict[str, Any]]:
+        """Δ at ``residual_lr_scale × learning_rate``, the knob's U and V (if any) at ``learning_rate``."""
+        if self.residual_lr_scale == 1.0:
+            return super().optimizer()
+        knob = [*self.residuals.fidelity_up, *self.residuals.fidelity_down]
+        groups = [{"params": list(self.residuals.deltas), "lr": self.learning_rate * self.residual_lr_scale}]
+        return groups + ([{"params": knob, "lr": self.learning_rate}] if knob else [])
 
     def _positions(self, captions: list[str]) -> list[list[int]]:
         return [find_class_word_positions(self.pipe.tokenizer, c, self.class_word) for c in captions]

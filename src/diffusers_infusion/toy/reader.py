@@ -45,14 +45,52 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
+class MarkBranch(nn.Module):
+    """Reads each slot's mark and mark color off the image's pixels at full resolution.
+
+    The marks are 5-8 pixels across; at the trunk's 16x16 resolution a star, a heart, a disc and a square look
+    alike. This branch reads the slot's window (40 x 32 pixels, rows 16..55, columns x - 16 .. x + 15) with five
+    convolutions and two poolings and takes the maximum over the window, so it finds a mark wherever the object's
+    class and size put it. It is trained after the trunk, on its own (``train_reader.py``), so it changes no other
+    reading.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            *_conv(3, w), *_conv(w, w), nn.MaxPool2d(2), *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
+            *_conv(2 * w, 2 * w),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Linear(2 * w, 64), nn.ReLU(), nn.Linear(64, _N_MARK + _N_COL))
+
+    @staticmethod
+    def windows(x: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """(N, 3, 64, 64) -> (N, 3 slots, 3, 40, 32), each slot's window moved by ``shift`` = (dx, dy) ≤ 4 pixels."""
+        dx, dy = shift
+        padded = F.pad(x, (4, 4, 4, 4), mode="replicate")
+        rows = slice(20 + dy, 60 + dy)
+        return torch.stack([padded[:, :, rows, POSITIONS[s] - 12 + dx : POSITIONS[s] + 20 + dx] for s in SLOTS], 1)
+
+    def classify(self, windows: torch.Tensor) -> torch.Tensor:
+        """(M, 3, 40, 32) windows -> (M, marks + colors) logits."""
+        return self.head(self.features(windows - 0.5).amax((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, 64, 64) -> mark logits (N, 3, 5) and mark-color logits (N, 3, 8)."""
+        logits = self.classify(self.windows(x).flatten(0, 1)).view(len(x), len(SLOTS), -1)
+        return logits[..., :_N_MARK], logits[..., _N_MARK:]
+
+
 class ToyReaderNet(nn.Module):
     """CNN: (N, 3, 64, 64) in [0, 1] -> background logits (N, 5) and, per head of :data:`HEADS`, (N, 3, n).
 
     A shared trunk makes feature maps at 32x32 (48 channels) and 16x16 (96 channels). Each position slot reads the
     same window around its object's place from both, 40 x 32 pixels (rows 16..55, columns x - 16 .. x + 15): the
-    coarse map for class, colors and pattern, the fine one for the small marks. One slot head serves the three
-    slots, so what is learned about an object at one position serves at the others; the background is read from
-    the whole coarse map.
+    coarse map for class, colors and pattern, the fine one for details. One slot head serves the three slots, so
+    what is learned about an object at one position serves at the others; the background is read from the whole
+    coarse map. The marks are read by :class:`MarkBranch` (``forward``); the slot head's own mark outputs
+    (``trunk``) only train the trunk.
     """
 
     def __init__(self) -> None:
@@ -65,8 +103,15 @@ class ToyReaderNet(nn.Module):
             nn.Linear(96 * 5 * 4, 256), nn.ReLU(), nn.Dropout(0.1), nn.Linear(256, _PER_SLOT),
         )  # fmt: skip
         self.background = nn.Linear(96, len(BACKGROUNDS))
+        self.marks = MarkBranch()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        background, heads = self.trunk(x)
+        heads["mark"], heads["mark_color"] = self.marks(x)
+        return background, heads
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The trunk's readings: background logits and every head of :data:`HEADS` from the slot head."""
         fine = self.fine(x - 0.5)  # (N, 48, 32, 32)
         coarse = self.coarse(fine)  # (N, 96, 16, 16)
         windows = []
@@ -247,11 +292,25 @@ def look_matches(read: ToyReadObject, look) -> bool:
 
 
 def reader_loss(net: ToyReaderNet, x: torch.Tensor, bg: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of every head; ``slots``: (N, 3, len(HEADS)) targets, -100 where ignored."""
-    p_bg, heads = net(x)
+    """The trunk's loss: cross-entropy of every head; ``slots``: (N, 3, len(HEADS)) targets, -100 where ignored."""
+    p_bg, heads = net.trunk(x)
     loss = F.cross_entropy(p_bg, bg)
     for k, (name, n) in enumerate(HEADS):
         target = slots[..., k].reshape(-1)
         if (target >= 0).any():
             loss = loss + F.cross_entropy(heads[name].reshape(-1, n), target, ignore_index=-100)
+    return loss
+
+
+MARK_HEADS = (HEADS.index(("mark", _N_MARK)), HEADS.index(("mark_color", _N_COL)))  # their columns in the targets
+
+
+def mark_loss(branch: MarkBranch, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mark branch's loss on (M, 3, 40, 32) windows; ``targets``: (M, len(HEADS)), -100 where ignored."""
+    keep = targets[:, MARK_HEADS[0]] >= 0  # slots with an object whose mark is known
+    logits = branch.classify(windows[keep])
+    mark, color = targets[keep][:, MARK_HEADS[0]], targets[keep][:, MARK_HEADS[1]]
+    loss = F.cross_entropy(logits[:, :_N_MARK], mark)
+    if (color >= 0).any():
+        loss = loss + F.cross_entropy(logits[:, _N_MARK:], color, ignore_index=-100)
     return loss

@@ -69,7 +69,8 @@ def save_outputs(residuals: InfusionResiduals, args: Namespace, grid: PIL.Image.
     ]  # fmt: skip
     if getattr(args, "fidelity_rank", 0):
         details += [f"| {k} | {getattr(args, k)} |" for k in ("fidelity_max_timestep", "fidelity_layers",
-                                                              "fidelity_norm_bound", "fidelity_strength")]  # fmt: skip
+                                                              "fidelity_norm_bound", "fidelity_strength",
+                                                              "fidelity_residual_lr_scale")]  # fmt: skip
     if grid is not None:
         grid.save(output_dir / "validation.png")
         details += ["", "Validation (left: base model, right: with the concept; same seeds):", "",
