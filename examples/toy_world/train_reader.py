@@ -10,7 +10,8 @@ where most objects carry a mark, with its windows shifted by up to 2 pixels and 
     python examples/toy_world/train_reader.py --vae examples/toy_world/model
     python examples/toy_world/train_reader.py --marks-only     # retrain the mark branch of the shipped reader
 
-Prints the reader's accuracy on 2000 freshly rendered scenes (seeds never used in training), clean and decoded.
+Prints the reader's accuracy on 2000 (``--eval-images``) freshly rendered scenes (seeds never used in training),
+clean and decoded.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mark-images", type=int, default=MARK_IMAGES)
     parser.add_argument("--mark-steps", type=int, default=MARK_STEPS)
     parser.add_argument("--marks-only", action="store_true", help="keep the trunk of --output, retrain the marks")
+    parser.add_argument("--eval-images", type=int, default=2000, help="fresh scenes to measure the reader on")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -215,12 +217,13 @@ def main(argv: list[str] | None = None) -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(args.output))
     net.load_state_dict({k: v.half().float() for k, v in net.state_dict().items()})  # evaluate the fp16 weights
-    eval_scenes = [reader_scene(s) for s in range(EVAL_SEED, EVAL_SEED + 2000)]
+    eval_seeds = range(EVAL_SEED, EVAL_SEED + args.eval_images)
+    eval_scenes = [reader_scene(s) for s in eval_seeds]
     clean = reader_accuracy(eval_scenes, reader=net)
     print(f"saved {args.output} after {(time.time() - t0) / 60:.1f} min")
-    print("accuracy on 2000 fresh rendered scenes:", {k: round(v, 4) for k, v in clean.items()})
+    print(f"accuracy on {len(eval_seeds)} fresh rendered scenes:", {k: round(v, 4) for k, v in clean.items()})
     if vae is not None:
-        xe, _ = build_set(range(EVAL_SEED, EVAL_SEED + 2000), vae, 1.0)
+        xe, _ = build_set(eval_seeds, vae, 1.0)
         dec = reader_accuracy(eval_scenes, xe, reader=net)
         print("accuracy on the same scenes through the VAE:", {k: round(v, 4) for k, v in dec.items()})
 

@@ -83,3 +83,51 @@ def test_concept_similarity_asks_for_every_main_color():
     own = render(Scene(concept.background, (concept.object(),), seed=1))
     assert concept_similarity([one_color], concept)[0] < 0.05
     assert concept_similarity([own], concept)[0] > 0.8
+
+
+@pytest.mark.parametrize("position", ["left", "center", "right"])
+def test_mark_branch_windows_hold_every_mark_with_room_to_shift(position):
+    """Every mark's pixels lie in its slot's window, at least 2 pixels (the training shift) from its edges."""
+    import numpy as np
+    import torch
+
+    from diffusers_infusion.toy.reader import SLOTS, MarkBranch
+    from diffusers_infusion.toy.world import CLASSES, SIZES
+
+    plain = Look("plain", "blue", "blue")
+    for cls in CLASSES:
+        for size in SIZES:
+            images = [render(Scene("grass", (ToyObject(cls, "blue", position, size, look=look),), seed=1))
+                      for look in (plain, replace(plain, mark="star", mark_color="yellow"))]  # fmt: skip
+            a, b = (torch.from_numpy(np.asarray(im, dtype=np.float32)) for im in images)
+            mark = (a != b).any(-1).float()  # (64, 64): the mark's pixels
+            window = MarkBranch.windows(mark.expand(1, 3, 64, 64))[0, SLOTS.index(position), 0]  # (40, 32)
+            assert mark.sum() > 4 and window.sum() == mark.sum(), (cls, size)
+            assert window[2:-2, 2:-2].sum() == mark.sum(), (cls, size)
+
+
+def test_train_reader_script_runs_both_stages_and_marks_only_keeps_the_trunk(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from diffusers_infusion.toy.reader import load_reader
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "toy_world" / "train_reader.py"
+    spec = importlib.util.spec_from_file_location("train_reader", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "reader.safetensors"
+    tiny = ["--vae", str(tmp_path / "no-vae"), "--output", str(out), "--num-images", "32", "--steps", "2",
+            "--mark-images", "32", "--mark-steps", "3", "--eval-images", "8", "--batch", "8"]  # fmt: skip
+    script.main(tiny)
+    full = load_file(str(out))
+    assert any(k.startswith("marks.") for k in full)
+    assert len(read_images([render(sample_scene(1))], reader=load_reader(out))) == 1  # the file loads and reads
+    script.main([*tiny, "--marks-only"])  # the same seeds: the branch is retrained to the same weights
+    again = load_file(str(out))
+    assert full.keys() == again.keys() and all(torch.equal(full[k], again[k]) for k in full)
+    with pytest.raises(SystemExit):
+        script.main([*tiny[:2], "--output", str(tmp_path / "missing.safetensors"), "--marks-only"])

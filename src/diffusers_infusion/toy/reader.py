@@ -308,6 +308,8 @@ MARK_HEADS = (HEADS.index(("mark", _N_MARK)), HEADS.index(("mark_color", _N_COL)
 def mark_loss(branch: MarkBranch, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The mark branch's loss on (M, 3, 40, 32) windows; ``targets``: (M, len(HEADS)), -100 where ignored."""
     keep = targets[:, MARK_HEADS[0]] >= 0  # slots with an object whose mark is known
+    if not keep.any():
+        return branch.classify(windows[:1]).sum() * 0.0  # nothing to learn from this batch
     logits = branch.classify(windows[keep])
     mark, color = targets[keep][:, MARK_HEADS[0]], targets[keep][:, MARK_HEADS[1]]
     loss = F.cross_entropy(logits[:, :_N_MARK], mark)
