@@ -213,9 +213,7 @@ def main(argv: list[str] | None = None) -> None:
                                        class_word=args.class_word, device=accelerator.device, dtype=weight_dtype)
 
     # 4. Optimizer and learning-rate schedule (counted in optimizer steps on every process, as diffusers does).
-    knob = [*model.fidelity_up, *model.fidelity_down]  # with the knob, Δ may train at a fraction of the rate
-    groups = [{"params": list(model.deltas), "lr": args.learning_rate * args.fidelity_residual_lr_scale}]
-    groups += [{"params": knob, "lr": args.learning_rate}] if knob else []
+    groups = model.param_groups(args.learning_rate, residual_lr_scale=args.fidelity_residual_lr_scale)
     optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, weight_decay=args.adam_weight_decay)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,

@@ -128,20 +128,12 @@ def train_trunk(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
     targets = [scene_targets(s) for s in scenes]
     bg = torch.tensor([t[0] for t in targets])  # (N,)
     slots = torch.tensor([t[1] for t in targets])  # (N, 3, heads)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    net.train()
-    bar = tqdm(range(args.steps), desc="reader", mininterval=5)
-    for _ in bar:
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(x), (args.batch,), generator=gen)
-        loss = reader_loss(net, _jitter(x[idx], gen), bg[idx], slots[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    net.eval()
+        return reader_loss(net, _jitter(x[idx], gen), bg[idx], slots[idx])
+
+    _fit(net, batch_loss, steps=args.steps, args=args, desc="reader")
 
 
 def train_marks(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
@@ -150,24 +142,33 @@ def train_marks(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
     x, scenes = build_set(seeds, vae, 0.5, scene=lambda s: mark_scene(s) if s % 2 else reader_scene(s))
     slots = torch.tensor([scene_targets(s)[1] for s in scenes])  # (N, 3, heads)
     branch = net.marks
-    opt = torch.optim.AdamW(branch.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.mark_steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(args.seed)
-    branch.train()
-    bar = tqdm(range(args.mark_steps), desc="marks", mininterval=5)
-    for _ in bar:
+
+    def batch_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(x), (args.batch,), generator=gen)
         shift = tuple(int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
         windows = branch.windows(_jitter(x[idx], gen), shift).flatten(0, 1)  # (B * 3, 3, 40, 32)
         mirror = torch.rand(len(windows), generator=gen) < 0.5
         windows = torch.where(mirror[:, None, None, None], windows.flip(-1), windows)
-        loss = mark_loss(branch, windows, slots[idx].flatten(0, 1))
+        return mark_loss(branch, windows, slots[idx].flatten(0, 1))
+
+    _fit(branch, batch_loss, steps=args.mark_steps, args=args, desc="marks")
+
+
+def _fit(module: torch.nn.Module, batch_loss, *, steps: int, args: argparse.Namespace, desc: str) -> None:
+    """AdamW, one-cycle schedule, on ``module``'s parameters; ``batch_loss(generator)`` draws and scores a batch."""
+    opt = torch.optim.AdamW(module.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps, pct_start=0.1)
+    gen = torch.Generator().manual_seed(args.seed)
+    module.train()
+    bar = tqdm(range(steps), desc=desc, mininterval=5)
+    for _ in bar:
+        loss = batch_loss(gen)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-    branch.eval()
+    module.eval()
 
 
 def _jitter(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

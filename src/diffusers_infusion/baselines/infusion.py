@@ -77,11 +77,7 @@ class InfusionMethod(PersonalizationMethod):
 
     def optimizer(self) -> list[dict[str, Any]]:
         """Δ at ``residual_lr_scale × learning_rate``, the knob's U and V (if any) at ``learning_rate``."""
-        if self.residual_lr_scale == 1.0:
-            return super().optimizer()
-        knob = [*self.residuals.fidelity_up, *self.residuals.fidelity_down]
-        groups = [{"params": list(self.residuals.deltas), "lr": self.learning_rate * self.residual_lr_scale}]
-        return groups + ([{"params": knob, "lr": self.learning_rate}] if knob else [])
+        return self.residuals.param_groups(self.learning_rate, residual_lr_scale=self.residual_lr_scale)
 
     def _positions(self, captions: list[str]) -> list[list[int]]:
         return [find_class_word_positions(self.pipe.tokenizer, c, self.class_word) for c in captions]

@@ -60,6 +60,17 @@ class InfusionResiduals(torch.nn.Module):
             tensors[name + UP_SUFFIX], tensors[name + DOWN_SUFFIX] = up, down
         return tensors
 
+    def param_groups(self, learning_rate: float, *, residual_lr_scale: float = 1.0) -> list[dict]:
+        """Optimizer groups: Δ at ``residual_lr_scale × learning_rate``, the knob's ``U``, ``V`` at ``learning_rate``.
+
+        One group of every parameter at ``learning_rate`` when ``residual_lr_scale`` is 1 (the paper's setting).
+        """
+        if residual_lr_scale == 1.0:
+            return [{"params": list(self.parameters()), "lr": learning_rate}]
+        knob = [*self.fidelity_up, *self.fidelity_down]
+        groups = [{"params": list(self.deltas), "lr": learning_rate * residual_lr_scale}]
+        return groups + ([{"params": knob, "lr": learning_rate}] if knob else [])
+
     def load_concept(self, concept: InfusionConcept) -> None:
         """Copy a concept's residuals (and its knob, which must match this module's) into the parameters."""
         knob = concept.fidelity
