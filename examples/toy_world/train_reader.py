@@ -4,11 +4,14 @@ Half of the training images are passed through the toy model's autoencoder (enco
 also reads decoded (generated) images, whose edges and textures are softer than rendered ones. Scenes include
 two objects at any two positions, no object at all, looks (patterns in two colors, marks) and personal concepts.
 
-Two stages: the trunk (background, class, colors, pattern, position), then the mark branch on its own, on scenes
-where most objects carry a mark, with its windows shifted by up to 2 pixels and mirrored (every mark is symmetric).
+Three stages: the trunk (background, class, colors, pattern, position); then the mark branch on its own, on scenes
+where most objects carry a mark, with its windows shifted by up to 2 pixels and mirrored (every mark is symmetric);
+then the pattern branch on its own, on scenes where most objects wear a look, shifted but not mirrored (a mirror
+swaps the sides' colors and turns the diagonal the other way).
 
     python examples/toy_world/train_reader.py --vae examples/toy_world/model
-    python examples/toy_world/train_reader.py --marks-only     # retrain the mark branch of the shipped reader
+    python examples/toy_world/train_reader.py --marks-only      # retrain the mark branch of the shipped reader
+    python examples/toy_world/train_reader.py --patterns-only   # retrain its pattern branch
 
 Prints the reader's accuracy on 2000 (``--eval-images``) freshly rendered scenes (seeds never used in training),
 clean and decoded.
@@ -35,8 +38,10 @@ from diffusers_infusion.toy.looks import random_look  # noqa: E402
 from diffusers_infusion.toy.reader import (  # noqa: E402
     READER_PATH,
     MarkBranch,
+    PatternBranch,
     ToyReaderNet,
     mark_loss,
+    pattern_loss,
     reader_accuracy,
     reader_loss,
     scene_targets,
@@ -55,6 +60,8 @@ logger = logging.getLogger("train_reader")
 EVAL_SEED = 10_000_000  # evaluation scenes use seeds from here on; training never does
 MARK_SEED = 5_000_000  # the mark stage's scenes (the trunk's use 0 .. --num-images)
 MARK_IMAGES, MARK_STEPS = 24000, 6000
+PATTERN_SEED = 7_000_000  # the pattern stage's scenes
+PATTERN_IMAGES, PATTERN_STEPS = 16000, 4000
 
 
 def reader_scene(seed: int) -> Scene:
@@ -87,6 +94,18 @@ def mark_scene(seed: int) -> Scene:
     rng = random.Random(f"marks-{seed}")
     objects = [
         replace(o, look=random_look(rng, o.cls, o.color, mark_prob=0.9, held_out=rng.random() < 0.2))
+        if o.look is None and o.pattern is None and rng.random() < 0.8 else o
+        for o in scene.objects
+    ]  # fmt: skip
+    return Scene(scene.background, tuple(objects), seed)
+
+
+def look_scene(seed: int) -> Scene:
+    """A reader scene in which most plain objects wear a look (the pattern stage)."""
+    scene = reader_scene(seed)
+    rng = random.Random(f"looks-{seed}")
+    objects = [
+        replace(o, look=random_look(rng, o.cls, o.color, held_out=rng.random() < 0.2))
         if o.look is None and o.pattern is None and rng.random() < 0.8 else o
         for o in scene.objects
     ]  # fmt: skip
@@ -139,19 +158,33 @@ def train_trunk(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
 def train_marks(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
     """Stage 2: the mark branch alone, on ``--mark-images`` scenes (every other one a mark scene)."""
     seeds = range(MARK_SEED, MARK_SEED + args.mark_images)
-    x, scenes = build_set(seeds, vae, 0.5, scene=lambda s: mark_scene(s) if s % 2 else reader_scene(s))
+    scene = lambda s: mark_scene(s) if s % 2 else reader_scene(s)  # noqa: E731
+    _train_branch(net.marks, mark_loss, seeds, scene, vae, args, steps=args.mark_steps, mirror=True, desc="marks")
+
+
+def train_patterns(net: ToyReaderNet, vae, args: argparse.Namespace) -> None:
+    """Stage 3: the pattern branch alone, on ``--pattern-images`` scenes (every other one a look scene)."""
+    seeds = range(PATTERN_SEED, PATTERN_SEED + args.pattern_images)
+    scene = lambda s: look_scene(s) if s % 2 else reader_scene(s)  # noqa: E731
+    _train_branch(net.patterns, pattern_loss, seeds, scene, vae, args, steps=args.pattern_steps, mirror=False,
+                  desc="patterns")  # fmt: skip
+
+
+def _train_branch(branch, loss, seeds, scene, vae, args, *, steps: int, mirror: bool, desc: str) -> None:
+    """Fit a window branch on ``scene(s)`` for ``seeds`` (half through the VAE), windows shifted by up to 2 px."""
+    x, scenes = build_set(seeds, vae, 0.5, scene=scene)
     slots = torch.tensor([scene_targets(s)[1] for s in scenes])  # (N, 3, heads)
-    branch = net.marks
 
     def batch_loss(gen: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(x), (args.batch,), generator=gen)
         shift = tuple(int(v) for v in torch.randint(-2, 3, (2,), generator=gen))
         windows = branch.windows(_jitter(x[idx], gen), shift).flatten(0, 1)  # (B * 3, 3, 40, 32)
-        mirror = torch.rand(len(windows), generator=gen) < 0.5
-        windows = torch.where(mirror[:, None, None, None], windows.flip(-1), windows)
-        return mark_loss(branch, windows, slots[idx].flatten(0, 1))
+        if mirror:
+            flip = torch.rand(len(windows), generator=gen) < 0.5
+            windows = torch.where(flip[:, None, None, None], windows.flip(-1), windows)
+        return loss(branch, windows, slots[idx].flatten(0, 1))
 
-    _fit(branch, batch_loss, steps=args.mark_steps, args=args, desc="marks")
+    _fit(branch, batch_loss, steps=steps, args=args, desc=desc)
 
 
 def _fit(module: torch.nn.Module, batch_loss, *, steps: int, args: argparse.Namespace, desc: str) -> None:
@@ -186,7 +219,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4500)
     parser.add_argument("--mark-images", type=int, default=MARK_IMAGES)
     parser.add_argument("--mark-steps", type=int, default=MARK_STEPS)
-    parser.add_argument("--marks-only", action="store_true", help="keep the trunk of --output, retrain the marks")
+    parser.add_argument("--pattern-images", type=int, default=PATTERN_IMAGES)
+    parser.add_argument("--pattern-steps", type=int, default=PATTERN_STEPS)
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--marks-only", action="store_true", help="keep the rest of --output, retrain the marks")
+    only.add_argument("--patterns-only", action="store_true", help="keep the rest of --output, retrain the patterns")
     parser.add_argument("--eval-images", type=int, default=2000, help="fresh scenes to measure the reader on")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -199,19 +236,28 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     vae = load_vae(args.vae if args.vae and (args.vae / "vae").exists() else None)
     net = ToyReaderNet()
-    if args.marks_only:
+    retrain = "marks" if args.marks_only else "patterns" if args.patterns_only else None
+    if retrain:
         if not args.output.is_file():
-            parser.error(f"--marks-only keeps the trunk of --output, but {args.output} does not exist; leave it out.")
+            parser.error(f"--{retrain}-only keeps the rest of --output; {args.output} does not exist: leave it out.")
         from safetensors.torch import load_file
 
-        trunk = {k: v.float() for k, v in load_file(str(args.output)).items() if not k.startswith("marks.")}
-        net.load_state_dict(trunk, strict=False)
+        kept = {k: v.float() for k, v in load_file(str(args.output)).items() if not k.startswith(f"{retrain}.")}
+        lacking = {k.split(".")[0] for k in net.load_state_dict(kept, strict=False).missing_keys} - {retrain}
+        if lacking:
+            parser.error(f"--{retrain}-only keeps the rest of --output, but {args.output} has no {', '.join(lacking)}"
+                         " weights (written before that branch existed): train them first, or leave the flag out.")
         net.eval()
     else:
         train_trunk(net, vae, args)
-    torch.manual_seed(args.seed + 1)
-    net.marks = MarkBranch()  # drawn here, so --marks-only and a full run start the branch alike
-    train_marks(net, vae, args)
+    if retrain in (None, "marks"):
+        torch.manual_seed(args.seed + 1)
+        net.marks = MarkBranch()  # drawn here, so --marks-only and a full run start the branch alike
+        train_marks(net, vae, args)
+    if retrain in (None, "patterns"):
+        torch.manual_seed(args.seed + 2)
+        net.patterns = PatternBranch()
+        train_patterns(net, vae, args)
 
     from safetensors.torch import save_file
 

@@ -45,14 +45,11 @@ def _conv(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
 
 
-class MarkBranch(nn.Module):
-    """Reads each slot's mark and mark color off the image's pixels at full resolution.
+class _WindowBranch(nn.Module):
+    """Full-resolution convolutions over each slot's window (40 x 32 pixels, rows 16..55, columns x - 16 .. x + 15).
 
-    The marks are 5-8 pixels across; at the trunk's 16x16 resolution a star, a heart, a disc and a square look
-    alike. This branch reads the slot's window (40 x 32 pixels, rows 16..55, columns x - 16 .. x + 15) with five
-    convolutions and two poolings and takes the maximum over the window, so it finds a mark wherever the object's
-    class and size put it. It is trained after the trunk, on its own (``train_reader.py``), so it changes no other
-    reading.
+    The base of :class:`MarkBranch` and :class:`PatternBranch`: five convolutions and two poolings make a
+    (2 * width, 10, 8) map per window; each subclass reads it with its own head.
     """
 
     def __init__(self, width: int = 32) -> None:
@@ -62,7 +59,6 @@ class MarkBranch(nn.Module):
             *_conv(3, w), *_conv(w, w), nn.MaxPool2d(2), *_conv(w, 2 * w), *_conv(2 * w, 2 * w), nn.MaxPool2d(2),
             *_conv(2 * w, 2 * w),
         )  # fmt: skip
-        self.head = nn.Sequential(nn.Linear(2 * w, 64), nn.ReLU(), nn.Linear(64, _N_MARK + _N_COL))
 
     @staticmethod
     def windows(x: torch.Tensor, shift: tuple[int, int] = (0, 0)) -> torch.Tensor:
@@ -73,13 +69,60 @@ class MarkBranch(nn.Module):
         return torch.stack([padded[:, :, rows, POSITIONS[s] - 12 + dx : POSITIONS[s] + 20 + dx] for s in SLOTS], 1)
 
     def classify(self, windows: torch.Tensor) -> torch.Tensor:
+        """(M, 3, 40, 32) windows -> (M, outputs) logits."""
+        raise NotImplementedError
+
+    def slot_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 64, 64) -> (N, 3 slots, outputs) logits."""
+        return self.classify(self.windows(x).flatten(0, 1)).view(len(x), len(SLOTS), -1)
+
+
+class MarkBranch(_WindowBranch):
+    """Reads each slot's mark and mark color off the image's pixels at full resolution.
+
+    The marks are 5-8 pixels across; at the trunk's 16x16 resolution a star, a heart, a disc and a square look
+    alike. This branch takes the maximum of its features over the window, so it finds a mark wherever the object's
+    class and size put it. It is trained after the trunk, on its own (``train_reader.py``), so it changes no other
+    reading.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__(width)
+        self.head = nn.Sequential(nn.Linear(2 * width, 64), nn.ReLU(), nn.Linear(64, _N_MARK + _N_COL))
+
+    def classify(self, windows: torch.Tensor) -> torch.Tensor:
         """(M, 3, 40, 32) windows -> (M, marks + colors) logits."""
         return self.head(self.features(windows - 0.5).amax((2, 3)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 64, 64) -> mark logits (N, 3, 5) and mark-color logits (N, 3, 8)."""
-        logits = self.classify(self.windows(x).flatten(0, 1)).view(len(x), len(SLOTS), -1)
+        logits = self.slot_logits(x)
         return logits[..., :_N_MARK], logits[..., _N_MARK:]
+
+
+class PatternBranch(_WindowBranch):
+    """Reads each slot's pattern kind off the image's pixels at full resolution.
+
+    A band and two halves differ by where the second color starts: 0.1 of the object's half-height higher for the
+    band, one or two pixel rows on a car, which the trunk's 32x32 map blurs. This branch keeps the layout of the
+    window (one more pooling to 5 x 4 cells, then a dense head). Trained after the trunk, on its own
+    (``train_reader.py``); the colors stay the trunk's.
+    """
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__(width)
+        self.head = nn.Sequential(
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * width * 5 * 4, 128), nn.ReLU(),
+            nn.Linear(128, len(PATTERN_KINDS)),
+        )  # fmt: skip
+
+    def classify(self, windows: torch.Tensor) -> torch.Tensor:
+        """(M, 3, 40, 32) windows -> (M, patterns) logits."""
+        return self.head(self.features(windows - 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, 64, 64) -> pattern logits (N, 3, 5)."""
+        return self.slot_logits(x)
 
 
 class ToyReaderNet(nn.Module):
@@ -89,8 +132,8 @@ class ToyReaderNet(nn.Module):
     same window around its object's place from both, 40 x 32 pixels (rows 16..55, columns x - 16 .. x + 15): the
     coarse map for class, colors and pattern, the fine one for details. One slot head serves the three slots, so
     what is learned about an object at one position serves at the others; the background is read from the whole
-    coarse map. The marks are read by :class:`MarkBranch` (``forward``); the slot head's own mark outputs
-    (``trunk``) only train the trunk.
+    coarse map. The marks are read by :class:`MarkBranch` and the pattern by :class:`PatternBranch` (``forward``);
+    the slot head's own mark and pattern outputs (``trunk``) only train the trunk.
     """
 
     def __init__(self) -> None:
@@ -104,10 +147,13 @@ class ToyReaderNet(nn.Module):
         )  # fmt: skip
         self.background = nn.Linear(96, len(BACKGROUNDS))
         self.marks = MarkBranch()
+        with torch.random.fork_rng(devices=[]):  # drawn aside: the trunk's training (dropout) draws as before
+            self.patterns = PatternBranch()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         background, heads = self.trunk(x)
         heads["mark"], heads["mark_color"] = self.marks(x)
+        heads["pattern"] = self.patterns(x)
         return background, heads
 
     def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -303,6 +349,7 @@ def reader_loss(net: ToyReaderNet, x: torch.Tensor, bg: torch.Tensor, slots: tor
 
 
 MARK_HEADS = (HEADS.index(("mark", _N_MARK)), HEADS.index(("mark_color", _N_COL)))  # their columns in the targets
+PATTERN_HEAD = HEADS.index(("pattern", len(PATTERN_KINDS)))
 
 
 def mark_loss(branch: MarkBranch, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -316,3 +363,11 @@ def mark_loss(branch: MarkBranch, windows: torch.Tensor, targets: torch.Tensor) 
     if (color >= 0).any():
         loss = loss + F.cross_entropy(logits[:, _N_MARK:], color, ignore_index=-100)
     return loss
+
+
+def pattern_loss(branch: PatternBranch, windows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The pattern branch's loss on (M, 3, 40, 32) windows; ``targets``: (M, len(HEADS)), -100 where ignored."""
+    keep = targets[:, PATTERN_HEAD] >= 0  # slots with an object whose pattern is known
+    if not keep.any():
+        return branch.classify(windows[:1]).sum() * 0.0  # nothing to learn from this batch
+    return F.cross_entropy(branch.classify(windows[keep]), targets[keep][:, PATTERN_HEAD])
