@@ -21,6 +21,10 @@ position), from the same toy model, with the same batch (4), seeds and step budg
 - **Concept similarity**: how much the object looks like the concept's photos (toy analogue of CLIP-I / DINO).
 - **Storage**: bytes of what the method saves for the concept.
 
+``--scene-captions`` trains every method on captions that also name the photos' position and background, in the
+toy world's own words ("a photo of a cat in the center at night"), as one captions a LoRA or Textual Inversion
+dataset to keep the scene out of the concept; the default is the paper's setting, "a photo of a cat" alone.
+
 Two reference rows need no training: ``base`` (the base model against itself with other seeds: the metrics' floor)
 and ``base_described`` (the base model with the concept's look written out in the prompt, "a cat split diagonally
 into green and orange with a yellow star": what the text space alone can draw).
@@ -89,6 +93,16 @@ def scene_prompts(concept) -> list[str]:
     prompts += [f"a {w} and a {company[0]} {BACKGROUND_PHRASES[others[-1]]}"]
     prompts += [f"a {company[1]} and a {w} {BACKGROUND_PHRASES[others[-2]]}"]
     return prompts
+
+
+def scene_captioned(data, concept):
+    """``data`` with every caption followed by the photos' position and background phrases (``--scene-captions``)."""
+    from dataclasses import replace
+
+    from diffusers_infusion.toy.world import BACKGROUND_PHRASES, POSITION_PHRASES
+
+    scene = f"{POSITION_PHRASES[concept.position]} {BACKGROUND_PHRASES[concept.background]}"
+    return replace(data, captions=[[f"{c} {scene}" for c in captions] for captions in data.captions])
 
 
 def fisher_set(class_word: str, n: int) -> tuple[list, list[str]]:
@@ -252,6 +266,7 @@ def run(args: argparse.Namespace) -> None:
     out = args.output_dir
     (out / "cells").mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+    _check_setting(out, {"scene_captions": args.scene_captions})
     done = {(r["concept"], r["method"]) for r in _read(results) if r["step"] == max(args.steps)}
     unknown = [c for c in args.concepts if c not in CONCEPTS]
     if unknown:
@@ -265,6 +280,8 @@ def run(args: argparse.Namespace) -> None:
         evaluator = Evaluator(base, concept, args)
         _save_base_cells(evaluator, out / "cells", name, args.scene_images)  # the grid's first column, up front
         data = load_instance_data(CONCEPTS_DIR / name, concept.class_word, resolution=64)
+        if args.scene_captions:
+            data = scene_captioned(data, concept)
         for label, row in (("base", evaluator.reference_row), ("base_described", evaluator.described_row)):
             if (name, label) not in done:
                 _drop(results, name, label)
@@ -281,6 +298,20 @@ def run(args: argparse.Namespace) -> None:
             lr = args.lr_scale * (cls.toy_learning_rate if args.learning_rate is None else args.learning_rate)
             method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
             train_and_measure(method, data, evaluator, results=results, concept=name, args=args, label=method_name)
+
+
+def _check_setting(out: Path, setting: dict) -> None:
+    """Refuse to add rows trained on other data to ``out`` (a rerun skips the rows already there)."""
+    marker = out / "setting.json"
+    before = json.loads(marker.read_text()) if marker.exists() else None
+    if before is None and (out / "results.jsonl").exists():
+        before = {"scene_captions": False}  # written before the option existed: the paper's setting
+    if before is not None and before != setting:
+        raise SystemExit(
+            f"--output-dir {out} holds results trained with {before}, this run asks for {setting}: the rows would mix."
+            " Pass another --output-dir."
+        )
+    marker.write_text(json.dumps(setting) + "\n")
 
 
 def _save_base_cells(evaluator: Evaluator, cells: Path, name: str, per_prompt: int) -> None:
@@ -464,6 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--lr-scale", type=float, default=1.0, help="multiply each method's learning rate (a learning-rate sweep)"
+    )
+    parser.add_argument(
+        "--scene-captions", action="store_true", help="train on captions naming the photos' position and background"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=ROOT / "out" / "overfitting")

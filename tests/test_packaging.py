@@ -53,7 +53,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_package_its_data_the_license_and_one_version(wheel):
     version = diffusers_infusion.__version__
     assert wheel.name == f"diffusers_infusion-{version}-py3-none-any.whl"
-    assert wheel.stat().st_size < 2_000_000
+    assert wheel.stat().st_size < 2_500_000  # 2.24 MB: mostly the toy reader (2.25 MB of fp16 weights)
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         info = f"diffusers_infusion-{version}.dist-info"

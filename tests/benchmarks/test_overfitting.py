@@ -112,3 +112,24 @@ def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_pat
     assert options["fidelity"]["rank"] == 4 and options["fidelity"]["max_timestep"] == 500
     assert seen["infusion"] == ("infusion", 3 * knob.toy_learning_rate, {})
     assert "textual_inversion_8v" not in overfitting.DEFAULT_METHODS  # the default run is the paper's seven
+
+
+@pytest.mark.parametrize("flag", [[], ["--scene-captions"]])
+def test_scene_captions_name_the_photos_position_and_background(overfitting, tmp_path, monkeypatch, flag):
+    """``--scene-captions`` trains on "a photo of a cat in the center at night" (my_cat's photos); without it the
+    photos' own captions ("a photo of a cat") are used."""
+    seen = {}
+
+    def train_and_measure(method, data, *args, **kwargs):
+        seen["captions"] = {c for captions in data.captions for c in captions}
+
+    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
+    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
+    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    overfitting.main(["--quick", "--methods", "textual_inversion", "--steps", "2", "--output-dir", str(tmp_path),
+                      *flag])  # fmt: skip
+    told = "a photo of a cat in the center at night"
+    assert seen["captions"] == ({told} if flag else {"a photo of a cat"})
+    other = [] if flag else ["--scene-captions"]
+    with pytest.raises(SystemExit, match="would mix"):  # rows of the other setting are not added to this dir
+        overfitting.main(["--quick", "--methods", "infusion", "--steps", "2", "--output-dir", str(tmp_path), *other])
