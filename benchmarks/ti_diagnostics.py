@@ -113,14 +113,10 @@ class _ObjectLoss:
         import numpy as np
 
         from diffusers_infusion.toy import CONCEPTS
-        from diffusers_infusion.toy.world import Scene, render
+        from diffusers_infusion.toy.world import object_pixels
 
         concept = next(c for c in CONCEPTS.values() if c.class_word == self.class_word)
-        masks = []
-        for scene in concept.photo_scenes():
-            full = np.asarray(render(scene), dtype=np.int16)
-            empty = np.asarray(render(Scene(scene.background, (), scene.seed)), dtype=np.int16)
-            masks.append(np.abs(full - empty).max(-1) > 8)  # (64, 64), as train_toy_model.py's object masks
+        masks = [object_pixels(scene) for scene in concept.photo_scenes()]  # each (64, 64)
         pixels = torch.from_numpy(np.any(masks, 0)).float()[None, None]
         side = self.pipe.unet.config.sample_size
         return torch.nn.functional.adaptive_max_pool2d(pixels, side)

@@ -52,6 +52,7 @@ from diffusers_infusion.toy.world import (  # noqa: E402
     UNNAMED_LOOK_PREFIX,
     caption,
     is_held_out,
+    object_pixels,
     render,
     sample_scene,
 )
@@ -134,11 +135,7 @@ def object_masks(scenes: list, path: Path) -> torch.Tensor:
     """Where each training image shows an object (it differs from its background alone): (N, 1, 64, 64) bool."""
     if path.exists():
         return torch.load(path)
-    masks = []
-    for scene in tqdm(scenes, desc="masks", mininterval=5):
-        full = np.asarray(render(scene), dtype=np.int16)
-        empty = np.asarray(render(replace(scene, objects=())), dtype=np.int16)
-        masks.append(np.abs(full - empty).max(-1) > 8)
+    masks = [object_pixels(scene) for scene in tqdm(scenes, desc="masks", mininterval=5)]
     out = torch.from_numpy(np.stack(masks))[:, None]
     save_atomic(out, path)
     return out

@@ -54,22 +54,8 @@ def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
 
 
-class NoEvaluation:
-    """Stands in for the benchmark's Evaluator: one base image, empty reference rows (nothing generated)."""
-
-    def __init__(self, base, concept, args):
-        import PIL.Image
-
-        self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
-
-    def reference_row(self):
-        return {}
-
-    described_row = reference_row
-
-
 @pytest.mark.parametrize("flag, expected", [([], None), (["--learning-rate", "0.003"], 0.003)])
-def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkeypatch, flag, expected):
+def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, stub_measuring, flag, expected):
     """``--learning-rate`` trains every chosen method at that rate; without it each uses its toy_learning_rate.
 
     Also: the base model's grid cells are on disk before the first method trains."""
@@ -81,15 +67,13 @@ def test_learning_rate_option_reaches_every_method(overfitting, tmp_path, monkey
         assert base_cell.exists()  # the grid's base column is written before any training (a cut run keeps it)
         seen[method.name] = method.learning_rate
 
-    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
-    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
-    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    stub_measuring(overfitting, train_and_measure)
     methods = ["infusion", "dreambooth"]
     overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path), *flag])
     assert seen == {m: expected or METHODS[m].toy_learning_rate for m in methods}
 
 
-def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_path, monkeypatch):
+def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_path, stub_measuring):
     """A variant row trains its method with its options under its own label; ``--lr-scale`` scales every rate."""
     from diffusers_infusion.baselines import METHODS
 
@@ -98,9 +82,7 @@ def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_pat
     def train_and_measure(method, *args, label=None, **kwargs):
         seen[label] = (method.name, method.learning_rate, method.options())
 
-    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
-    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
-    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    stub_measuring(overfitting, train_and_measure)
     methods = ["textual_inversion_8v", "infusion_fidelity_r4_late", "infusion"]
     overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path),
                       "--lr-scale", "3"])  # fmt: skip
@@ -115,7 +97,7 @@ def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_pat
 
 
 @pytest.mark.parametrize("flag", [[], ["--scene-captions"]])
-def test_scene_captions_name_the_photos_position_and_background(overfitting, tmp_path, monkeypatch, flag):
+def test_scene_captions_name_the_photos_position_and_background(overfitting, tmp_path, stub_measuring, flag):
     """``--scene-captions`` trains on "a photo of a cat in the center at night" (my_cat's photos); without it the
     photos' own captions ("a photo of a cat") are used."""
     seen = {}
@@ -123,9 +105,7 @@ def test_scene_captions_name_the_photos_position_and_background(overfitting, tmp
     def train_and_measure(method, data, *args, **kwargs):
         seen["captions"] = {c for captions in data.captions for c in captions}
 
-    monkeypatch.setattr(overfitting, "Evaluator", NoEvaluation)
-    monkeypatch.setattr(overfitting, "train_and_measure", train_and_measure)
-    monkeypatch.setattr(overfitting, "report", lambda args: None)
+    stub_measuring(overfitting, train_and_measure)
     overfitting.main(["--quick", "--methods", "textual_inversion", "--steps", "2", "--output-dir", str(tmp_path),
                       *flag])  # fmt: skip
     told = "a photo of a cat in the center at night"

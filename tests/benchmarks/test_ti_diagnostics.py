@@ -98,7 +98,7 @@ def test_object_loss_counts_the_photos_object_cells_only(diag, pipe):
     assert torch.allclose(plain, err.mean(), rtol=1e-5)  # the paper's loss counts every cell
 
 
-def test_main_runs_the_variants_through_the_benchmark(diag, tmp_path, monkeypatch):
+def test_main_runs_the_variants_through_the_benchmark(diag, tmp_path, monkeypatch, stub_measuring):
     from diffusers_infusion.baselines import METHODS
 
     for cls in diag.DIAGNOSTICS:  # registered for this test only
@@ -108,19 +108,6 @@ def test_main_runs_the_variants_through_the_benchmark(diag, tmp_path, monkeypatc
     def train_and_measure(method, *args, label=None, **kwargs):
         seen[label] = type(method)
 
-    class NoEvaluation:
-        def __init__(self, base, concept, args):
-            import PIL.Image
-
-            self.scene_prompts, self.base_scene = ["a cat"], [PIL.Image.new("RGB", (64, 64))]
-
-        def reference_row(self):
-            return {}
-
-        described_row = reference_row
-
-    monkeypatch.setattr(diag.overfitting, "Evaluator", NoEvaluation)
-    monkeypatch.setattr(diag.overfitting, "train_and_measure", train_and_measure)
-    monkeypatch.setattr(diag.overfitting, "report", lambda args: None)
+    stub_measuring(diag.overfitting, train_and_measure)
     diag.main(["--quick", "--steps", "2", "--output-dir", str(tmp_path)])
     assert seen == {cls.name: cls for cls in diag.DIAGNOSTICS}

@@ -49,7 +49,7 @@ class _WindowBranch(nn.Module):
     """Full-resolution convolutions over each slot's window (40 x 32 pixels, rows 16..55, columns x - 16 .. x + 15).
 
     The base of :class:`MarkBranch` and :class:`PatternBranch`: five convolutions and two poolings make a
-    (2 * width, 10, 8) map per window; each subclass reads it with its own head.
+    (2 * width, 10, 8) map per window; each subclass reads it with its own head (``classify``).
     """
 
     def __init__(self, width: int = 32) -> None:
@@ -68,13 +68,6 @@ class _WindowBranch(nn.Module):
         rows = slice(20 + dy, 60 + dy)
         return torch.stack([padded[:, :, rows, POSITIONS[s] - 12 + dx : POSITIONS[s] + 20 + dx] for s in SLOTS], 1)
 
-    def classify(self, windows: torch.Tensor) -> torch.Tensor:
-        """(M, 3, 40, 32) windows -> (M, outputs) logits."""
-        raise NotImplementedError
-
-    def slot_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 64, 64) -> (N, 3 slots, outputs) logits."""
-        return self.classify(self.windows(x).flatten(0, 1)).view(len(x), len(SLOTS), -1)
 
 
 class MarkBranch(_WindowBranch):
@@ -93,11 +86,6 @@ class MarkBranch(_WindowBranch):
     def classify(self, windows: torch.Tensor) -> torch.Tensor:
         """(M, 3, 40, 32) windows -> (M, marks + colors) logits."""
         return self.head(self.features(windows - 0.5).amax((2, 3)))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, 64, 64) -> mark logits (N, 3, 5) and mark-color logits (N, 3, 8)."""
-        logits = self.slot_logits(x)
-        return logits[..., :_N_MARK], logits[..., _N_MARK:]
 
 
 class PatternBranch(_WindowBranch):
@@ -119,10 +107,6 @@ class PatternBranch(_WindowBranch):
     def classify(self, windows: torch.Tensor) -> torch.Tensor:
         """(M, 3, 40, 32) windows -> (M, patterns) logits."""
         return self.head(self.features(windows - 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, 64, 64) -> pattern logits (N, 3, 5)."""
-        return self.slot_logits(x)
 
 
 class ToyReaderNet(nn.Module):
@@ -152,8 +136,10 @@ class ToyReaderNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         background, heads = self.trunk(x)
-        heads["mark"], heads["mark_color"] = self.marks(x)
-        heads["pattern"] = self.patterns(x)
+        windows = MarkBranch.windows(x).flatten(0, 1)  # (N * 3, 3, 40, 32): one window per slot, for both branches
+        marks = self.marks.classify(windows).view(len(x), len(SLOTS), -1)  # (N, 3, marks + colors)
+        heads["mark"], heads["mark_color"] = marks[..., :_N_MARK], marks[..., _N_MARK:]
+        heads["pattern"] = self.patterns.classify(windows).view(len(x), len(SLOTS), -1)  # (N, 3, patterns)
         return background, heads
 
     def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

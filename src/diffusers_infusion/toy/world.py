@@ -300,6 +300,13 @@ def render(scene: Scene) -> Image.Image:
     return canvas.resize((SIZE, SIZE), Image.BOX)
 
 
+def object_pixels(scene: Scene) -> np.ndarray:
+    """(64, 64) bool: where ``scene`` renders differently from its background alone (its objects and outlines)."""
+    full = np.asarray(render(scene), dtype=np.int16)
+    empty = np.asarray(render(replace(scene, objects=())), dtype=np.int16)
+    return np.abs(full - empty).max(-1) > 8
+
+
 def to_array(images: list[Image.Image] | Image.Image) -> np.ndarray:
     """PIL image(s) to a float32 array in [0, 1], shape (N, 64, 64, 3)."""
     if isinstance(images, Image.Image):
