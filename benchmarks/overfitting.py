@@ -59,6 +59,8 @@ DEFAULT_METHODS = [
 T700 = {"rank": 4, "max_timestep": 700, "norm_bound": 1.0}  # the fidelity knob gated to t < 700
 #: Rows that are a method with options: label -> (method name, constructor options).
 VARIANTS = {
+    "dreambooth_prior": ("dreambooth", {"prior_preservation": True}),  # diffusers' --with_prior_preservation
+    "dreambooth_te": ("dreambooth", {"train_text_encoder": True}),  # diffusers' --train_text_encoder
     "textual_inversion_8v": ("textual_inversion", {"num_vectors": 8}),  # diffusers' --num_vectors 8
     "infusion_fidelity_r4": ("infusion", {"fidelity": {"rank": 4}}),  # docs/fidelity.md: every layer, always on
     "infusion_fidelity_r4_b05": ("infusion", {"fidelity": {"rank": 4, "norm_bound": 0.5}}),
@@ -293,7 +295,7 @@ def run(args: argparse.Namespace) -> None:
             _drop(results, name, method_name)  # a run cut short starts over: no mixed rows
             cls_name, options = VARIANTS.get(method_name, (method_name, {}))
             cls = METHODS[cls_name]
-            options = {"identifier": "my"} if cls_name in ("dreambooth", "dreambooth_lora") else dict(options)
+            options = {"identifier": "my", **options} if cls_name in ("dreambooth", "dreambooth_lora") else options
             torch.manual_seed(args.seed)  # initial weights drawn at construction (e.g. LoRA's)
             lr = args.lr_scale * (cls.toy_learning_rate if args.learning_rate is None else args.learning_rate)
             method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
@@ -350,6 +352,7 @@ def report(args: argparse.Namespace) -> None:
     )
     if not rows:
         raise SystemExit(f"{out / 'results.jsonl'} has no results yet. Run without --report-only first.")
+    out.mkdir(parents=True, exist_ok=True)  # a report over --merge dirs may go to a new one
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
     steps = sorted({r["step"] for r in rows})
     concepts = sorted({r["concept"] for r in rows})
@@ -361,28 +364,31 @@ def report(args: argparse.Namespace) -> None:
 
     lines = [f"Concepts: {', '.join(concepts)}; mean ± std over concepts.", "", *_ceiling_lines(concepts), ""]
     last = steps[-1]
-    lines += [f"### At {last} steps (Table 1's analogue)", "",
-              "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage | concepts |",
-              "|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
-    for m in methods:
-        cells = [f"{stat(m, last, k)[0]:.3f} ± {stat(m, last, k)[1]:.3f}" for k in metrics[2:] + metrics[:2]]
-        size = stat(m, last, "storage_bytes")[0]
-        lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} | {stat(m, last, 'storage_bytes')[2]} |")
+    for at in [s for s in (400, last) if s in steps]:  # a short and the longest training (Table 1's analogue)
+        lines += [f"### At {at} steps" + (" (Table 1's analogue)" if at == last else ""), "", TABLE_HEAD,
+                  "|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
+        for m in [m for m in methods if stat(m, at, "wasserstein")[2]]:  # rows run to that step
+            cells = [f"{stat(m, at, k)[0]:.3f} ± {stat(m, at, k)[1]:.3f}" for k in metrics[2:] + metrics[:2]]
+            size, n = stat(m, at, "storage_bytes")[0], stat(m, at, "storage_bytes")[2]
+            lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} | {n} |")
+        lines.append("")
     for key in metrics:
         lines += ["", f"### {key.replace('_', ' ')} by training steps", "",
                   "| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "--:|" * len(steps)]  # fmt: skip
         for m in methods:
-            lines.append(f"| {m} | " + " | ".join(f"{stat(m, s, key)[0]:.3f}" for s in steps) + " |")
+            cells = (f"{stat(m, s, key)[0]:.3f}" if stat(m, s, key)[2] else "—" for s in steps)  # — : not run
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     (out / "overfitting.md").write_text("\n".join(lines) + "\n")
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, key in zip(axes, metrics):
         for m in methods:
-            mean = np.array([stat(m, s, key)[0] for s in steps])
-            std = np.array([stat(m, s, key)[1] for s in steps])
+            ran = [s for s in steps if stat(m, s, key)[2]]  # a method may have been measured at fewer steps
+            mean = np.array([stat(m, s, key)[0] for s in ran])
+            std = np.array([stat(m, s, key)[1] for s in ran])
             style = dict(lw=2.5, color="black") if m == "infusion" else dict(lw=1.2)
-            ax.plot(steps, mean, marker="o", ms=3, label=m, **style)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.12, color=ax.lines[-1].get_color())
+            ax.plot(ran, mean, marker="o", ms=3, label=m, **style)
+            ax.fill_between(ran, mean - std, mean + std, alpha=0.12, color=ax.lines[-1].get_color())
         ax.set_xscale("log")
         ax.set_xlabel("training steps")
         ax.set_title(key.replace("_", " "))
@@ -422,6 +428,9 @@ def report(args: argparse.Namespace) -> None:
     print((out / "overfitting.md").read_text())
 
 
+TABLE_HEAD = "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage | concepts |"
+
+
 def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> None:
     """Fidelity against overfitting: mean concept similarity against Wasserstein and against text alignment.
 
@@ -433,7 +442,7 @@ def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> No
     fig, axes = plt.subplots(len(steps), 2, figsize=(11, 4.2 * len(steps)), squeeze=False)
     for row, step in zip(axes, steps):
         for ax, key in zip(row, ("wasserstein", "text_alignment")):
-            for m in methods:
+            for m in [m for m in methods if stat(m, step, key)[2]]:  # the rows measured at that step
                 x, y = stat(m, step, key)[0], stat(m, step, "concept_similarity")[0]
                 knob = m.startswith("infusion_fidelity_")
                 color = ("tab:green" if knob else "black" if m.startswith("infusion") else

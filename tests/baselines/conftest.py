@@ -41,18 +41,3 @@ def data() -> InstanceData:
     """Three seeded 16x16 'photos' in [-1, 1], each with the three captions."""
     pixels = torch.rand((3, 3, 16, 16), generator=torch.Generator().manual_seed(0)) * 2 - 1
     return InstanceData(pixels=pixels, captions=[CAPTIONS] * 3, masks=None, files=["0.png", "1.png", "2.png"])
-
-
-def module_state(pipe) -> dict[str, torch.Tensor]:
-    """Clones of every parameter and buffer of the pipeline's UNet, text encoder and VAE, by qualified name."""
-    state = {}
-    for part in ("unet", "text_encoder", "vae"):
-        for name, tensor in getattr(pipe, part).state_dict().items():
-            state[f"{part}.{name}"] = tensor.detach().clone()
-    return state
-
-
-def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[str]:
-    """Names whose tensors differ (or appear/disappear)."""
-    return {k for k in before.keys() | after.keys() if k not in before or k not in after or
-            before[k].shape != after[k].shape or not torch.equal(before[k], after[k])}  # fmt: skip

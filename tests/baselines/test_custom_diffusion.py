@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from conftest import changed, module_state
 from safetensors.torch import load_file
+from state_helpers import changed, module_state
 
 from diffusers_infusion.baselines import CustomDiffusionMethod, train_method
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import changed, module_state
+from state_helpers import changed, module_state
 
 from diffusers_infusion import InfusionConcept, InfusionPipeline
 from diffusers_infusion.baselines import InfusionMethod, InfusionOwnQueryMethod, train_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import changed, module_state
+from state_helpers import changed, module_state
 
 from diffusers_infusion.baselines import METHODS, PersonalizationMethod, train_method
 from diffusers_infusion.baselines.dreambooth import DreamBoothMethod

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import torch
-from conftest import changed, module_state
+from state_helpers import changed, module_state
 
 from diffusers_infusion.baselines import LoRAMethod, train_method
 

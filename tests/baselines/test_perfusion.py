@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import changed, module_state
 from safetensors.torch import load_file
+from state_helpers import changed, module_state
 
 from diffusers_infusion.baselines import METHODS, train_method
 from diffusers_infusion.baselines.perfusion import (

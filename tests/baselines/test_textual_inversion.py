@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import changed, module_state
+from state_helpers import changed, module_state
 
 from diffusers_infusion.baselines import TextualInversionMethod, train_method
 

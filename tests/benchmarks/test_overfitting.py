@@ -83,7 +83,7 @@ def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_pat
         seen[label] = (method.name, method.learning_rate, method.options())
 
     stub_measuring(overfitting, train_and_measure)
-    methods = ["textual_inversion_8v", "infusion_fidelity_r4_late", "infusion"]
+    methods = ["textual_inversion_8v", "infusion_fidelity_r4_late", "infusion", "dreambooth_prior", "dreambooth_te"]
     overfitting.main(["--quick", "--methods", *methods, "--steps", "2", "--output-dir", str(tmp_path),
                       "--lr-scale", "3"])  # fmt: skip
     ti, knob = METHODS["textual_inversion"], METHODS["infusion"]
@@ -93,6 +93,9 @@ def test_variants_and_learning_rate_scale_reach_the_methods(overfitting, tmp_pat
     assert (name, lr) == ("infusion", 3 * knob.toy_learning_rate)
     assert options["fidelity"]["rank"] == 4 and options["fidelity"]["max_timestep"] == 500
     assert seen["infusion"] == ("infusion", 3 * knob.toy_learning_rate, {})
+    name, _, options = seen["dreambooth_prior"]  # the variant's options join the toy identifier
+    assert name == "dreambooth" and options["identifier"] == "my" and options["prior_preservation"] is True
+    assert seen["dreambooth_te"][2] == {"identifier": "my", "save_precision": "fp16", "train_text_encoder": True}
     assert "textual_inversion_8v" not in overfitting.DEFAULT_METHODS  # the default run is the paper's seven
 
 
@@ -113,3 +116,23 @@ def test_scene_captions_name_the_photos_position_and_background(overfitting, tmp
     other = [] if flag else ["--scene-captions"]
     with pytest.raises(SystemExit, match="would mix"):  # rows of the other setting are not added to this dir
         overfitting.main(["--quick", "--methods", "infusion", "--steps", "2", "--output-dir", str(tmp_path), *other])
+
+
+def test_report_over_merged_dirs_tables_at_400_and_the_last_step(overfitting, tmp_path):
+    """``--report-only --merge`` writes into a new dir; the 400-step and last-step tables list rows run that far."""
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    metrics = {"wasserstein": 20.0, "fisher": 0.0, "text_alignment": 1.0, "concept_similarity": 0.25,
+               "storage_bytes": 3000}  # fmt: skip
+    rows = [{"concept": "my_cat", "method": m, "step": s, **metrics}
+            for m, steps in (("base", (400, 2000)), ("infusion", (400, 2000)), ("dreambooth_te", (400,)))
+            for s in steps]  # fmt: skip
+    (ran / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report_dir = tmp_path / "report" / "new"
+    overfitting.main(["--report-only", "--output-dir", str(report_dir), "--merge", str(ran)])
+    text = (report_dir / "overfitting.md").read_text()
+    at_400, at_2000 = text.split("### At 400 steps")[1].split("### At 2000 steps")
+    assert "| dreambooth_te | 1.000 ± 0.000 | 0.250 ± 0.000 |" in at_400 and "| infusion |" in at_400
+    assert "| infusion |" in at_2000.split("###")[0] and "dreambooth_te" not in at_2000.split("###")[0]
+    assert "| dreambooth_te | 0.250 | — |" in text.split("### concept similarity by training steps")[1]
+    assert (report_dir / "overfitting.png").stat().st_size > 0
