@@ -220,9 +220,15 @@ class PersonalizationMethod(abc.ABC):
         self, latents: torch.Tensor, captions: list[str], *, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
         """The denoising loss ``‖target − model(z_t, t, concept_prompt(y))‖²`` (latents: (B, C, h, w))."""
+        prompts = [self.concept_prompt(c) for c in captions]
+        return self.denoising_loss(latents, prompts, noise=noise, timesteps=timesteps)
+
+    def denoising_loss(
+        self, latents: torch.Tensor, prompts: list[str], *, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> torch.Tensor:
+        """``‖target − model(z_t, t, prompts)‖²``, the prompts as given (latents: (B, C, h, w))."""
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)  # z_t
-        encodings = self.encode_prompts([self.concept_prompt(c) for c in captions])
-        pred = self.pipe.unet(noisy, timesteps, encodings, return_dict=False)[0]
+        pred = self.pipe.unet(noisy, timesteps, self.encode_prompts(prompts), return_dict=False)[0]
         return torch.nn.functional.mse_loss(pred.float(), self.target(latents, noise, timesteps).float())
 
     # ------------------------------------------------------------------------------------------ using

@@ -123,14 +123,9 @@ class DreamBoothMethod(PersonalizationMethod):
         picks = torch.randint(len(self.class_latents), (batch,), generator=g)
         prior_noise = torch.randn(latents.shape, generator=g).to(noise)
         prior_steps = torch.randint(self.noise_scheduler.config.num_train_timesteps, (batch,), generator=g)
-        both = torch.cat([latents, self.class_latents[picks].to(latents)])  # (2B, C, h, w): photos, class images
-        noise, timesteps = torch.cat([noise, prior_noise]), torch.cat([timesteps, prior_steps.to(timesteps)])
-        noisy = self.noise_scheduler.add_noise(both, noise, timesteps)
-        prompts = [self.concept_prompt(c) for c in captions] + [self.class_prompt] * batch
-        pred = self.pipe.unet(noisy, timesteps, self.encode_prompts(prompts), return_dict=False)[0].float()
-        target = self.target(both, noise, timesteps).float()
-        instance = torch.nn.functional.mse_loss(pred[:batch], target[:batch])
-        prior = torch.nn.functional.mse_loss(pred[batch:], target[batch:])
+        instance = super().training_loss(latents, captions, noise=noise, timesteps=timesteps)
+        prior = self.denoising_loss(self.class_latents[picks].to(latents), [self.class_prompt] * batch,
+                                    noise=prior_noise, timesteps=prior_steps.to(timesteps))  # fmt: skip
         return instance + self.prior_loss_weight * prior
 
     def _save_weights(self, directory: Path) -> None:

@@ -69,7 +69,6 @@ class _WindowBranch(nn.Module):
         return torch.stack([padded[:, :, rows, POSITIONS[s] - 12 + dx : POSITIONS[s] + 20 + dx] for s in SLOTS], 1)
 
 
-
 class MarkBranch(_WindowBranch):
     """Reads each slot's mark and mark color off the image's pixels at full resolution.
 
