@@ -29,15 +29,20 @@ Two reference rows need no training: ``base`` (the base model against itself wit
 and ``base_described`` (the base model with the concept's look written out in the prompt, "a cat split diagonally
 into green and orange with a yellow star": what the text space alone can draw).
 
+Sampling: DDIM, ``--inference-steps`` 25, ``--guidance`` 7.5 (the paper's); the fidelity comparison of
+docs/benchmarks.md samples at 3, the toy model's own (it draws looks told in words most faithfully there).
+
 The prompts below were fixed before any result was seen and are not tuned afterwards. Results are appended to
-``<output-dir>/results.jsonl`` after every measurement (a rerun skips what is there), then summarized into
-``<output-dir>/overfitting.md`` (mean ± std over concepts), ``overfitting.png`` (curves) and one image grid per
-concept (``grid_<concept>.png``: rows = methods, columns = steps, same prompt and seed: Fig. 11).
+``<output-dir>/results.jsonl`` after every measurement (a rerun skips what is there; a dir made with other
+captions or sampling refuses new rows), then summarized by ``overfitting_report.py`` into
+``<output-dir>/overfitting.md`` (mean ± std over concepts), ``overfitting.png`` (curves), ``tradeoff.png`` and one
+image grid per concept (``grid_<concept>.png``: rows = methods, columns = steps, same prompt and seed: Fig. 11).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -50,6 +55,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("overfitting_report", Path(__file__).with_name("overfitting_report.py"))
+_report = importlib.util.module_from_spec(_spec)  # the tables, plots and grids (loadable by path, as this file is)
+_spec.loader.exec_module(_report)
 STEPS = (100, 200, 400, 1000, 2000)
 #: The paper's seven methods, in the tables' order; the default run.
 DEFAULT_METHODS = [
@@ -268,8 +276,9 @@ def run(args: argparse.Namespace) -> None:
     out = args.output_dir
     (out / "cells").mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    _check_setting(out, {"scene_captions": args.scene_captions})
-    done = {(r["concept"], r["method"]) for r in _read(results) if r["step"] == max(args.steps)}
+    sampling = {"guidance": args.guidance, "inference_steps": args.inference_steps}
+    _check_setting(out, {"scene_captions": args.scene_captions, **sampling})
+    done = {(r["concept"], r["method"]) for r in _report.read_rows(results) if r["step"] == max(args.steps)}
     unknown = [c for c in args.concepts if c not in CONCEPTS]
     if unknown:
         raise SystemExit(f"--concepts {' '.join(unknown)}: no such toy concept. Choose from {', '.join(CONCEPTS)}.")
@@ -302,15 +311,20 @@ def run(args: argparse.Namespace) -> None:
             train_and_measure(method, data, evaluator, results=results, concept=name, args=args, label=method_name)
 
 
+SETTING_DEFAULTS = {"scene_captions": False, "guidance": 7.5, "inference_steps": 25}
+
+
 def _check_setting(out: Path, setting: dict) -> None:
-    """Refuse to add rows trained on other data to ``out`` (a rerun skips the rows already there)."""
+    """Refuse to add rows trained or sampled otherwise to ``out`` (a rerun skips the rows already there)."""
     marker = out / "setting.json"
     before = json.loads(marker.read_text()) if marker.exists() else None
     if before is None and (out / "results.jsonl").exists():
-        before = {"scene_captions": False}  # written before the option existed: the paper's setting
+        before = {}  # written before the marker existed
+    if before is not None:
+        before = {**SETTING_DEFAULTS, **before}  # a key a marker lacks was added later: its value then
     if before is not None and before != setting:
         raise SystemExit(
-            f"--output-dir {out} holds results trained with {before}, this run asks for {setting}: the rows would mix."
+            f"--output-dir {out} holds results made with {before}, this run asks for {setting}: the rows would mix."
             " Pass another --output-dir."
         )
     marker.write_text(json.dumps(setting) + "\n")
@@ -325,162 +339,15 @@ def _save_base_cells(evaluator: Evaluator, cells: Path, name: str, per_prompt: i
 
 
 def _drop(path: Path, concept: str, method: str) -> None:
-    keep = [r for r in _read(path) if (r["concept"], r["method"]) != (concept, method)]
+    keep = [r for r in _report.read_rows(path) if (r["concept"], r["method"]) != (concept, method)]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
     os.replace(tmp, path)
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def report(args: argparse.Namespace) -> None:
-    """Markdown tables, curves and grids from ``results.jsonl``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    out = args.output_dir
-    # one row per (concept, method, step): a concept split over several dirs has its base rows in each
-    rows = list(
-        {
-            (r["concept"], r["method"], r["step"]): r for d in (out, *args.merge) for r in _read(d / "results.jsonl")
-        }.values()
-    )
-    if not rows:
-        raise SystemExit(f"{out / 'results.jsonl'} has no results yet. Run without --report-only first.")
-    out.mkdir(parents=True, exist_ok=True)  # a report over --merge dirs may go to a new one
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in rows)]
-    steps = sorted({r["step"] for r in rows})
-    concepts = sorted({r["concept"] for r in rows})
-    metrics = ("wasserstein", "fisher", "text_alignment", "concept_similarity")
-
-    def stat(method: str, step: int, key: str) -> tuple[float, float, int]:
-        vals = [r[key] for r in rows if r["method"] == method and r["step"] == step]
-        return (float(np.mean(vals)), float(np.std(vals)), len(vals)) if vals else (float("nan"), 0.0, 0)
-
-    lines = [f"Concepts: {', '.join(concepts)}; mean ± std over concepts.", "", *_ceiling_lines(concepts), ""]
-    last = steps[-1]
-    for at in [s for s in (400, last) if s in steps]:  # a short and the longest training (Table 1's analogue)
-        lines += [f"### At {at} steps" + (" (Table 1's analogue)" if at == last else ""), "", TABLE_HEAD,
-                  "|---|--:|--:|--:|--:|--:|--:|"]  # fmt: skip
-        for m in [m for m in methods if stat(m, at, "wasserstein")[2]]:  # rows run to that step
-            cells = [f"{stat(m, at, k)[0]:.3f} ± {stat(m, at, k)[1]:.3f}" for k in metrics[2:] + metrics[:2]]
-            size, n = stat(m, at, "storage_bytes")[0], stat(m, at, "storage_bytes")[2]
-            lines.append(f"| {m} | {' | '.join(cells)} | {_bytes(size)} | {n} |")
-        lines.append("")
-    for key in metrics:
-        lines += ["", f"### {key.replace('_', ' ')} by training steps", "",
-                  "| method | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "--:|" * len(steps)]  # fmt: skip
-        for m in methods:
-            cells = (f"{stat(m, s, key)[0]:.3f}" if stat(m, s, key)[2] else "—" for s in steps)  # — : not run
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    (out / "overfitting.md").write_text("\n".join(lines) + "\n")
-
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
-    for ax, key in zip(axes, metrics):
-        for m in methods:
-            ran = [s for s in steps if stat(m, s, key)[2]]  # a method may have been measured at fewer steps
-            mean = np.array([stat(m, s, key)[0] for s in ran])
-            std = np.array([stat(m, s, key)[1] for s in ran])
-            style = dict(lw=2.5, color="black") if m == "infusion" else dict(lw=1.2)
-            ax.plot(ran, mean, marker="o", ms=3, label=m, **style)
-            ax.fill_between(ran, mean - std, mean + std, alpha=0.12, color=ax.lines[-1].get_color())
-        ax.set_xscale("log")
-        ax.set_xlabel("training steps")
-        ax.set_title(key.replace("_", " "))
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 0.87, 1))
-    fig.savefig(out / "overfitting.png", dpi=110)
-    plt.close(fig)
-    _tradeoff_plot(out / "tradeoff.png", methods, [s for s in (400, last) if s in steps], stat)
-
-    for concept in concepts:
-
-        def cell(name: str) -> Path:
-            """The cell image from whichever output dir has it (a concept may be split over several)."""
-            paths = [d / "cells" / name for d in (out, *args.merge)]
-            return next((p for p in paths if p.exists()), paths[0])
-
-        base = [cell(f"{concept}_base_0_{i}.png") for i in range(2)]
-        trained = [m for m in methods if not m.startswith("base")]
-        grid = Image.new("RGB", (66 * (2 * len(steps) + 2) + 150, 66 * (len(trained) + 1)), "white")
-        from PIL import ImageDraw
-
-        draw = ImageDraw.Draw(grid)
-        for i, p in enumerate(base):
-            if p.exists():
-                grid.paste(Image.open(p), (150 + 66 * i, 0))
-        draw.text((4, 26), "base model", fill="black")
-        for r, m in enumerate(trained, start=1):
-            draw.text((4, 66 * r + 26), m, fill="black")
-            for c, s in enumerate(steps):
-                for i in range(2):
-                    p = cell(f"{concept}_{m}_{s}_{i}.png")
-                    if p.exists():
-                        grid.paste(Image.open(p), (150 + 66 * (2 + 2 * c + i), 66 * r))
-        for c, s in enumerate(steps):
-            draw.text((150 + 66 * (2 + 2 * c) + 40, 2), f"{s} steps", fill="black")
-        grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(out / f"grid_{concept}.png")
-    print((out / "overfitting.md").read_text())
-
-
-TABLE_HEAD = "| method | text alignment ↑ | concept similarity ↑ | Wasserstein ↓ | Fisher ↓ | storage | concepts |"
-
-
-def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> None:
-    """Fidelity against overfitting: mean concept similarity against Wasserstein and against text alignment.
-
-    One point per method (mean over concepts), one row of panels per step count; Infusion's rows in black, the
-    fidelity knob's in green (labelled ``knob_<setting>``), the base model's in blue, the baselines' in red.
-    """
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(steps), 2, figsize=(11, 4.2 * len(steps)), squeeze=False)
-    for row, step in zip(axes, steps):
-        for ax, key in zip(row, ("wasserstein", "text_alignment")):
-            for m in [m for m in methods if stat(m, step, key)[2]]:  # the rows measured at that step
-                x, y = stat(m, step, key)[0], stat(m, step, "concept_similarity")[0]
-                knob = m.startswith("infusion_fidelity_")
-                color = ("tab:green" if knob else "black" if m.startswith("infusion") else
-                         "tab:blue" if m.startswith("base") else "tab:red")  # fmt: skip
-                ax.scatter([x], [y], color=color, s=22)
-                label = "knob_" + m.removeprefix("infusion_fidelity_") if knob else m
-                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_xlabel(key.replace("_", " ") + (" (lower: less overfitting)" if key == "wasserstein" else ""))
-            ax.set_ylabel("concept similarity")
-            ax.set_title(f"{step} steps, mean over concepts")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ceiling_lines(concepts: list[str]) -> list[str]:
-    """The concept similarity of the photos and of the toy VAE's reconstructions of them (the most any method gets)."""
-    from diffusers_infusion.metrics import toy_concept_similarity, toy_reconstruction_similarity
-    from diffusers_infusion.toy import CONCEPTS, load_toy_pipeline
-
-    vae = load_toy_pipeline().vae
-    cells = [
-        f"{c} {np.mean(toy_concept_similarity(CONCEPTS[c].photos(), c)):.3f} / "
-        f"{toy_reconstruction_similarity(vae, c):.3f}"
-        for c in concepts
-    ]
-    return [
-        f"Concept similarity of the photos / of the VAE's reconstructions of them (the ceiling): {'; '.join(cells)}."
-    ]
-
-
-def _bytes(n: float) -> str:
-    if n != n:
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
+    """Tables, curves and grids from the rows written (``overfitting_report.py``), in this benchmark's row order."""
+    _report.report(args, method_order=METHOD_ORDER)
 
 
 def main(argv: list[str] | None = None) -> None:

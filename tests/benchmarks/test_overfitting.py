@@ -136,3 +136,19 @@ def test_report_over_merged_dirs_tables_at_400_and_the_last_step(overfitting, tm
     assert "| infusion |" in at_2000.split("###")[0] and "dreambooth_te" not in at_2000.split("###")[0]
     assert "| dreambooth_te | 0.250 | — |" in text.split("### concept similarity by training steps")[1]
     assert (report_dir / "overfitting.png").stat().st_size > 0
+
+
+def test_rows_sampled_at_another_guidance_are_not_added(overfitting, tmp_path, stub_measuring):
+    """The setting marker holds the sampling too: a dir made at guidance 7.5 refuses a --guidance 3 run; a marker
+    written before the sampling keys existed reads as the defaults it was made with."""
+    stub_measuring(overfitting, lambda *args, **kwargs: None)
+    run = ["--concepts", "my_cat", "--methods", "infusion", "--steps", "2", "--output-dir", str(tmp_path)]
+    overfitting.main(run)
+    assert json.loads((tmp_path / "setting.json").read_text()) == {
+        "scene_captions": False, "guidance": 7.5, "inference_steps": 25}  # fmt: skip
+    with pytest.raises(SystemExit, match="would mix"):
+        overfitting.main([*run, "--guidance", "3"])
+    (tmp_path / "setting.json").write_text('{"scene_captions": false}\n')  # an older marker
+    overfitting.main(run)
+    with pytest.raises(SystemExit, match="guidance': 7.5"):
+        overfitting.main([*run, "--guidance", "3"])
