@@ -317,11 +317,9 @@ SETTING_DEFAULTS = {"scene_captions": False, "guidance": 7.5, "inference_steps":
 def _check_setting(out: Path, setting: dict) -> None:
     """Refuse to add rows trained or sampled otherwise to ``out`` (a rerun skips the rows already there)."""
     marker = out / "setting.json"
-    before = json.loads(marker.read_text()) if marker.exists() else None
-    if before is None and (out / "results.jsonl").exists():
-        before = {}  # written before the marker existed
-    if before is not None:
-        before = {**SETTING_DEFAULTS, **before}  # a key a marker lacks was added later: its value then
+    before = None
+    if marker.exists() or (out / "results.jsonl").exists():  # a key a marker lacks (or no marker): the defaults then
+        before = {**SETTING_DEFAULTS, **(json.loads(marker.read_text()) if marker.exists() else {})}
     if before is not None and before != setting:
         raise SystemExit(
             f"--output-dir {out} holds results made with {before}, this run asks for {setting}: the rows would mix."
