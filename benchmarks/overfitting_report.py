@@ -67,11 +67,17 @@ def report(args: argparse.Namespace, *, method_order: tuple[str, ...]) -> None:
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     for ax, key in zip(axes, metrics):
-        for m in methods:
+        palette = plt.get_cmap("tab20").colors  # one color per method (tab10 repeats after ten)
+        for i, m in enumerate(methods):
             ran = [s for s in steps if stat(m, s, key)[2]]  # a method may have been measured at fewer steps
             mean = np.array([stat(m, s, key)[0] for s in ran])
             std = np.array([stat(m, s, key)[1] for s in ran])
-            style = dict(lw=2.5, color="black") if m == "infusion" else dict(lw=1.2)
+            knob = m.startswith("infusion_fidelity")
+            style = (
+                dict(lw=2.5, color="black")
+                if m == "infusion"
+                else dict(lw=1.2, color=palette[2 * i % 20 + i // 10 % 2], ls="--" if knob else "-")
+            )
             ax.plot(ran, mean, marker="o", ms=3, label=m, **style)
             ax.fill_between(ran, mean - std, mean + std, alpha=0.12, color=ax.lines[-1].get_color())
         ax.set_xscale("log")
