@@ -126,11 +126,14 @@ def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> No
     """Fidelity against overfitting: mean concept similarity against Wasserstein and against text alignment.
 
     One point per method (mean over concepts), one row of panels per step count; Infusion's rows in black, the
-    fidelity knob's in green (labelled ``knob_<setting>``), the base model's in blue, the baselines' in red.
+    fidelity knob's in green (labelled ``knob_<setting>``), the base model's in blue, the baselines' in red. Labels
+    are moved apart where two points lie close (``free_label_offsets``).
     """
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, axes = plt.subplots(len(steps), 2, figsize=(11, 4.2 * len(steps)), squeeze=False)
+    labels = []  # (axes, annotation, anchor) per point
     for row, step in zip(axes, steps):
         for ax, key in zip(row, ("wasserstein", "text_alignment")):
             for m in [m for m in methods if stat(m, step, key)[2]]:  # the rows measured at that step
@@ -140,13 +143,95 @@ def _tradeoff_plot(path: Path, methods: list[str], steps: list[int], stat) -> No
                          "tab:blue" if m.startswith("base") else "tab:red")  # fmt: skip
                 ax.scatter([x], [y], color=color, s=22)
                 label = "knob_" + m.removeprefix("infusion_fidelity_") if knob else m
-                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+                labels.append((ax, ax.annotate(label, (x, y), (3, 3), fontsize=7, textcoords="offset points"), (x, y)))
+            if key == "wasserstein":  # from under the base model's floor to many times it: a log scale
+                ax.set_xscale("log")
+                ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 5)))
+                ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+                ax.xaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_xlabel(key.replace("_", " ") + (" (lower: less overfitting)" if key == "wasserstein" else ""))
             ax.set_ylabel("concept similarity")
             ax.set_title(f"{step} steps, mean over concepts")
     fig.tight_layout()
+    fig.canvas.draw()  # the text sizes and the data-to-display transform are final only now
+    renderer, to_points = fig.canvas.get_renderer(), 72.0 / fig.dpi
+    for ax in axes.flat:
+        mine = [(a, xy) for owner, a, xy in labels if owner is ax]
+        anchors = [tuple(ax.transData.transform(xy) * to_points) for _, xy in mine]
+        sizes = [tuple(a.get_window_extent(renderer).size * to_points) for a, _ in mine]
+        x0, y0, _, y1 = ax.get_window_extent(renderer).extents * to_points  # right of the axes: free space
+        bounds = (x0, y0, fig.bbox.width * to_points, y1)
+        for (a, xy), (w, h), (dx, dy) in zip(mine, sizes, free_label_offsets(anchors, sizes, bounds=bounds)):
+            a.remove()  # drawn again at its place, with a leader line where that is not beside its point
+            far = dy > h or dy < -2 * h or -w < dx < 0
+            line = dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=3) if far else None
+            ax.annotate(a.get_text(), xy, (dx, dy), fontsize=7, textcoords="offset points", arrowprops=line)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def free_label_offsets(
+    anchors: list[tuple[float, float]],
+    sizes: list[tuple[float, float]],
+    *,
+    bounds: tuple[float, float, float, float] | None = None,
+    pad: float = 3.0,
+    marker: float = 3.0,
+) -> list[tuple[float, float]]:
+    """Offsets (in points) that put each label beside its point without covering another label or point.
+
+    Greedy, from the highest point down: each label takes, among places right or left of its point and up to two
+    label heights above or below, the one that covers the least of the labels placed before, of the other points
+    and of the outside of ``bounds``; between equally free places, the nearest (up-right first).
+
+    Args:
+        anchors: each point's position, in points (display units).
+        sizes: each label's (width, height), in points.
+        bounds: the box ``(x0, y0, x1, y1)`` labels should stay in, in points; None: anywhere.
+        pad: the gap between a point and its label.
+        marker: the half-width of a point's marker, kept clear of other labels.
+
+    Returns:
+        One ``(dx, dy)`` per label: its lower-left corner's offset from its point.
+    """
+    placed: list[tuple[float, float, float, float]] = []  # labels placed so far, (x0, y0, x1, y1)
+    points = [(x - marker, y - marker, x + marker, y + marker) for x, y in anchors]
+    offsets: list[tuple[float, float]] = [(pad, pad)] * len(anchors)
+    for i in sorted(range(len(anchors)), key=lambda i: -anchors[i][1]):
+        (x, y), (w, h) = anchors[i], sizes[i]
+        others = placed + [p for j, p in enumerate(points) if j != i]
+        places = [
+            (dx, dy)
+            for dy in (
+                pad,
+                -pad - h,
+                -h / 2,
+                pad + h / 2,
+                -pad - 1.5 * h,
+                pad + h,
+                -pad - 2 * h,
+                pad + 2 * h,
+                -pad - 3 * h,
+            )
+            for dx in (pad, -pad - w, -w / 2)
+            if dx != -w / 2 or abs(dy + h / 2) > h / 2 + marker
+        ]  # centred: only above or below the point
+
+        def cost(offset, w=w, h=h, x=x, y=y, others=others):
+            box = (x + offset[0], y + offset[1], x + offset[0] + w, y + offset[1] + h)
+            covered = sum(_overlap_area(box, o, gap=1.0) for o in others)
+            return covered + (w * h - _overlap_area(box, bounds) if bounds else 0.0)
+
+        offsets[i] = min(places, key=cost)  # min keeps the first of equal costs: the nearest place
+        placed.append((x + offsets[i][0], y + offsets[i][1], x + offsets[i][0] + w, y + offsets[i][1] + h))
+    return offsets
+
+
+def _overlap_area(a: tuple[float, ...], b: tuple[float, ...], *, gap: float = 0.0) -> float:
+    """The area two boxes ``(x0, y0, x1, y1)`` share, the second grown by ``gap`` on every side."""
+    width = min(a[2], b[2] + gap) - max(a[0], b[0] - gap)
+    height = min(a[3], b[3] + gap) - max(a[1], b[1] - gap)
+    return max(width, 0.0) * max(height, 0.0)
 
 
 def _ceiling_lines(concepts: list[str]) -> list[str]:
