@@ -268,7 +268,6 @@ def train_and_measure(method, data, evaluator: Evaluator, *, results: Path, conc
 
 
 def run(args: argparse.Namespace) -> None:
-    from diffusers_infusion.baselines import METHODS
     from diffusers_infusion.toy import CONCEPTS, load_toy_pipeline
     from diffusers_infusion.toy.concepts import CONCEPTS_DIR
     from diffusers_infusion.training.data import load_instance_data
@@ -302,13 +301,25 @@ def run(args: argparse.Namespace) -> None:
                         f.write(json.dumps({"concept": name, "method": label, "step": step, **reference}) + "\n")
         for method_name in todo:
             _drop(results, name, method_name)  # a run cut short starts over: no mixed rows
-            cls_name, options = VARIANTS.get(method_name, (method_name, {}))
-            cls = METHODS[cls_name]
-            options = {"identifier": "my", **options} if cls_name in ("dreambooth", "dreambooth_lora") else options
-            torch.manual_seed(args.seed)  # initial weights drawn at construction (e.g. LoRA's)
-            lr = args.lr_scale * (cls.toy_learning_rate if args.learning_rate is None else args.learning_rate)
-            method = cls(base, class_word=concept.class_word, learning_rate=lr, **options)
+            method = build_method(method_name, base, concept, seed=args.seed, learning_rate=args.learning_rate,
+                                  lr_scale=args.lr_scale)  # fmt: skip
             train_and_measure(method, data, evaluator, results=results, concept=name, args=args, label=method_name)
+
+
+def build_method(label: str, base, concept, *, seed: int, learning_rate: float | None = None, lr_scale: float = 1.0):
+    """The method of row ``label`` (a name in ``METHODS`` or ``VARIANTS``) for ``concept``, before training.
+
+    Its initial weights are drawn after ``torch.manual_seed(seed)`` (e.g. LoRA's); its rate is ``learning_rate``
+    (default: the method's ``toy_learning_rate``) times ``lr_scale``; DreamBooth's prompts say "my <class>".
+    """
+    from diffusers_infusion.baselines import METHODS
+
+    cls_name, options = VARIANTS.get(label, (label, {}))
+    cls = METHODS[cls_name]
+    options = {"identifier": "my", **options} if cls_name in ("dreambooth", "dreambooth_lora") else options
+    torch.manual_seed(seed)
+    lr = lr_scale * (cls.toy_learning_rate if learning_rate is None else learning_rate)
+    return cls(base, class_word=concept.class_word, learning_rate=lr, **options)
 
 
 SETTING_DEFAULTS = {"scene_captions": False, "guidance": 7.5, "inference_steps": 25}
