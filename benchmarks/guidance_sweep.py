@@ -46,25 +46,6 @@ DEFAULT_METHODS = ["infusion", "infusion_fidelity_r4_t700_d03", "textual_inversi
 logger = logging.getLogger("guidance_sweep")
 
 
-def images_at(draw, prompts: list[str], guidance: float, *, steps: int) -> list:
-    """``draw(prompts, seed=, num_inference_steps=, guidance_scale=)`` at the benchmark's seeds (scene images)."""
-    return draw(prompts, seed=10_000, num_inference_steps=steps, guidance_scale=guidance)
-
-
-def base_draw(base):
-    """The base model as a ``draw`` function (image i from ``manual_seed(seed + i)``, as ``Evaluator`` seeds it)."""
-
-    @torch.no_grad()
-    def draw(prompts, *, seed, **kwargs):
-        images = []
-        for i in range(0, len(prompts), 16):
-            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i : i + 16]))]
-            images += base(prompts[i : i + 16], generator=gens, **kwargs).images
-        return images
-
-    return draw
-
-
 @torch.no_grad()
 def push(method, base, prompts: list[str], images: list) -> dict:
     """``uncond_share`` and ``cond_strength`` of ``method``'s change to the noise prediction (module docstring).
@@ -75,13 +56,12 @@ def push(method, base, prompts: list[str], images: list) -> dict:
         prompts: prompts naming the class word; the method's ``concept_prompt`` invokes the concept in them.
         images: the base model's images of ``prompts`` (what gets noised).
     """
-    from diffusers_infusion.baselines.base import encode_photos
+    from diffusers_infusion.metrics import encode_images
 
-    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) / 127.5 - 1 for im in images]))
-    latents = encode_photos(base, pixels.permute(0, 3, 1, 2))  # (N, C, h, w)
+    latents = encode_images(base.vae, images)  # (N, C, h, w)
     generator = torch.Generator().manual_seed(123)
     empty = [""] * len(prompts)
-    base_c, base_u = _encode(base, prompts), _encode(base, empty)  # (N, tokens, dim)
+    base_c, base_u = base.encode_prompt(prompts, "cpu", 1, True, negative_prompt=empty)  # each (N, tokens, dim)
     cond_change, uncond_change, guidance_dir = [], [], []
     for t in PUSH_TIMESTEPS:
         steps = torch.full((len(prompts),), t, dtype=torch.long)
@@ -96,13 +76,6 @@ def push(method, base, prompts: list[str], images: list) -> dict:
         guidance_dir.append((eps_c - eps_u).flatten(1).norm(dim=1))
     cond, uncond, direction = (torch.cat(v).mean().item() for v in (cond_change, uncond_change, guidance_dir))
     return {"uncond_share": uncond / cond if cond > 0 else 0.0, "cond_strength": cond / direction}
-
-
-def _encode(pipe, prompts: list[str]) -> torch.Tensor:
-    """The base text encoder's output (N, tokens, dim) for ``prompts``, padded to the tokenizer's length."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids  # fmt: skip
-    return pipe.text_encoder(ids)[0]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -123,10 +96,14 @@ def run(args: argparse.Namespace) -> None:
     overfitting._check_setting(out, {"scene_captions": args.scene_captions, "guidance": list(args.guidance),
                                      "inference_steps": args.inference_steps, "steps": args.steps})  # fmt: skip
     done = {(r["concept"], r["method"]) for r in overfitting._report.read_rows(results)}
+    seed = overfitting.SCENE_SEED  # the benchmark's new-scene seeds, for the base model and every method
 
     def write(rows: list[dict]) -> None:
         with results.open("a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    def sampling(g: float) -> dict:
+        return {"num_inference_steps": args.inference_steps, "guidance_scale": g}
 
     def measure(images, prompts) -> dict:
         return {"concept_similarity": float(np.mean(toy_concept_similarity(images, concept))),
@@ -139,16 +116,19 @@ def run(args: argparse.Namespace) -> None:
             continue
         base = load_toy_pipeline()
         prompts = [p for p in overfitting.scene_prompts(concept) for _ in range(args.scene_images)]
-        base_images = images_at(base_draw(base), prompts, 3.0, steps=args.inference_steps)  # noised for the push
+        base_scene = {}  # guidance -> the base model's images of prompts; the push noises those at 3
         if (name, "base") not in done:
             phrase = look_phrase(concept.class_word, concept.look)
             described = [insert_identifier(p, concept.class_word, phrase) for p in prompts]
             rows = []
             for g in args.guidance:
-                for label, shown in (("base", prompts), ("base_described", described)):
-                    images = images_at(base_draw(base), shown, g, steps=args.inference_steps)
+                base_scene[g] = overfitting.base_images(base, prompts, seed=seed, **sampling(g))
+                told = overfitting.base_images(base, described, seed=seed, **sampling(g))
+                for label, images in (("base", base_scene[g]), ("base_described", told)):
                     rows.append({"concept": name, "method": label, "guidance": g, **measure(images, prompts)})
             write(rows)
+        if todo and 3.0 not in base_scene:
+            base_scene[3.0] = overfitting.base_images(base, prompts, seed=seed, **sampling(3.0))
         data = load_instance_data(CONCEPTS_DIR / name, concept.class_word, resolution=64)
         if args.scene_captions:
             data = overfitting.scene_captioned(data, concept)
@@ -156,10 +136,10 @@ def run(args: argparse.Namespace) -> None:
             method = overfitting.build_method(label, base, concept, seed=args.seed)  # as the benchmark builds it
             train_method(method, data, steps=args.steps, batch_size=4, seed=args.seed)
             rows = [{"concept": name, "method": label, "guidance": g, "step": args.steps,
-                     **measure(images_at(method.generate, prompts, g, steps=args.inference_steps), prompts)}
+                     **measure(method.generate(prompts, seed=seed, **sampling(g)), prompts)}
                     for g in args.guidance]  # fmt: skip
             rows.append({"concept": name, "method": label, "step": args.steps,
-                         **push(method, base, prompts, base_images)})  # fmt: skip
+                         **push(method, base, prompts, base_scene[3.0])})  # fmt: skip
             write(rows)  # a (concept, method) is written whole or not at all
             logger.info("%s %s: %s", name, label, rows)
 

@@ -59,6 +59,7 @@ _spec = importlib.util.spec_from_file_location("overfitting_report", Path(__file
 _report = importlib.util.module_from_spec(_spec)  # the tables, plots and grids (loadable by path, as this file is)
 _spec.loader.exec_module(_report)
 STEPS = (100, 200, 400, 1000, 2000)
+SCENE_SEED = 10_000  # the new-scene images' first seed (text alignment, concept similarity, grids)
 #: The paper's seven methods, in the tables' order; the default run.
 DEFAULT_METHODS = [
     "dreambooth", "dreambooth_lora", "textual_inversion", "custom_diffusion", "perfusion", "infusion_own_queries",
@@ -132,6 +133,16 @@ def fisher_set(class_word: str, n: int) -> tuple[list, list[str]]:
     return images, captions
 
 
+@torch.no_grad()
+def base_images(base, prompts: list[str], *, seed: int, **kwargs) -> list:
+    """The base pipeline's images of ``prompts``, image i from ``manual_seed(seed + i)`` (as ``generate`` seeds)."""
+    images = []
+    for i in range(0, len(prompts), 16):
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i : i + 16]))]
+        images += base(prompts[i : i + 16], generator=gens, **kwargs).images
+    return images
+
+
 class Evaluator:
     """Everything measured at one checkpoint; base-model references computed once per concept."""
 
@@ -144,7 +155,7 @@ class Evaluator:
         self.fisher_images, self.fisher_captions = fisher_set(concept.class_word, args.fisher_images)
         self.kwargs = dict(num_inference_steps=args.inference_steps, guidance_scale=args.guidance)
         self.base_latents = self.features(encode_images(base.vae, self._base_images(self.super_prompts, seed=0)))
-        self.base_scene = self._base_images(self.scene_prompts, seed=10_000)
+        self.base_scene = self._base_images(self.scene_prompts, seed=SCENE_SEED)
 
     def features(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, h, w) average-pooled ``--pool`` times (layout-level features; fewer dims for small N)."""
@@ -190,7 +201,7 @@ class Evaluator:
             return [insert_identifier(p, self.concept.class_word, phrase) for p in prompts]
 
         super_images = self._base_images(described(self.super_prompts), seed=0)
-        scene_images = self._base_images(described(self.scene_prompts), seed=10_000)
+        scene_images = self._base_images(described(self.scene_prompts), seed=SCENE_SEED)
         return {
             "wasserstein": wasserstein_metric(
                 self.base_latents, self.features(encode_images(self.base.vae, super_images))
@@ -201,13 +212,8 @@ class Evaluator:
             "storage_bytes": 0,
         }
 
-    @torch.no_grad()
     def _base_images(self, prompts: list[str], *, seed: int) -> list:
-        images = []
-        for i in range(0, len(prompts), 16):
-            gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i : i + 16]))]
-            images += self.base(prompts[i : i + 16], generator=gens, **self.kwargs).images
-        return images
+        return base_images(self.base, prompts, seed=seed, **self.kwargs)
 
     def __call__(self, method, step: int) -> tuple[dict, list]:
         from diffusers_infusion.metrics import (
@@ -220,7 +226,7 @@ class Evaluator:
 
         t0 = time.time()
         super_images = method.generate(self.super_prompts, seed=0, **self.kwargs)
-        scene_images = method.generate(self.scene_prompts, seed=10_000, **self.kwargs)
+        scene_images = method.generate(self.scene_prompts, seed=SCENE_SEED, **self.kwargs)
         row = {
             "wasserstein": wasserstein_metric(
                 self.base_latents, self.features(encode_images(self.base.vae, super_images))

@@ -3,32 +3,24 @@ Infusion's push exactly conditional; reruns skip what is done."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.fixture(scope="module")
-def sweep():
-    return load("guidance_sweep")
+def sweep(load_benchmark):
+    return load_benchmark("guidance_sweep")
 
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in (path / "results.jsonl").read_text().splitlines()]
 
 
-def test_sweep_reproduces_the_benchmark_at_its_guidance_and_infusion_moves_only_the_conditional(sweep, tmp_path):
+def test_sweep_reproduces_the_benchmark_at_its_guidance_and_infusion_moves_only_the_conditional(
+    sweep, load_benchmark, tmp_path
+):
     """Same training and seeds as overfitting.py: at its guidance the sweep's similarity and alignment are its own.
 
     Infusion leaves the empty prompt's prediction exactly as the base model's (uncond share 0); DreamBooth, which
@@ -36,7 +28,7 @@ def test_sweep_reproduces_the_benchmark_at_its_guidance_and_infusion_moves_only_
     common = ["--concepts", "my_cat", "--methods", "infusion", "dreambooth", "--steps", "2"]
     sampling = ["--scene-images", "1", "--inference-steps", "10"]  # overfitting.py --quick's
     sweep.main([*common, *sampling, "--guidance", "7.5", "2", "--output-dir", str(tmp_path / "sweep")])
-    load("overfitting").main(["--quick", *common, "--output-dir", str(tmp_path / "bench")])  # guidance 7.5
+    load_benchmark("overfitting").main(["--quick", *common, "--output-dir", str(tmp_path / "bench")])  # guidance 7.5
 
     measured = rows(tmp_path / "sweep")
     bench = {r["method"]: r for r in rows(tmp_path / "bench")}

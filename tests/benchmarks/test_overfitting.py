@@ -3,21 +3,14 @@ concept-agnostic overfitting exactly zero."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def overfitting():
-    spec = importlib.util.spec_from_file_location("overfitting", ROOT / "benchmarks" / "overfitting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def overfitting(load_benchmark):
+    return load_benchmark("overfitting")
 
 
 def test_quick_run_writes_every_measurement_and_the_report(overfitting, tmp_path):

@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def report():
-    spec = importlib.util.spec_from_file_location("overfitting_report", ROOT / "benchmarks" / "overfitting_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def report(load_benchmark):
+    return load_benchmark("overfitting_report")
 
 
 def boxes(anchors, sizes, offsets):

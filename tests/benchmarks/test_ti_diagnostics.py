@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["a photo of a cat on snow", "a cat and a dog at night"]
 
 
 @pytest.fixture(scope="module")
-def diag():
-    spec = importlib.util.spec_from_file_location("ti_diagnostics", ROOT / "benchmarks" / "ti_diagnostics.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def diag(load_benchmark):
+    return load_benchmark("ti_diagnostics")
 
 
 @pytest.fixture(scope="module")
